@@ -1,0 +1,36 @@
+# Every user-facing target does its own set-up: a virtualenv in $(VENV), the project installed
+# into it, and the offline assets (SmolLM2-135M, evaluation sets) prepared in the user cache.
+PYTHON ?= python3
+VENV ?= .venv
+OUT ?= results/cpu-quick
+SUITE ?= configs/suites/cpu-quick.yaml
+BIN := $(VENV)/bin
+
+.PHONY: setup assets demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+assets: setup
+	$(BIN)/bayeslora assets
+
+demo: assets
+	$(BIN)/bayeslora run $(SUITE) --out $(OUT)
+	$(BIN)/bayeslora leaderboard $(OUT)
+
+test: assets
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check bayeslora baselines benchmarks tests
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,111 @@
+"""Training LoRA adapters by cross-entropy on the answer logits, and the shared MAP-adapter cache.
+
+A MAP adapter for (model, lora settings, train settings, tokenised training data, seed) is trained
+once and then reused by every method that starts from it (MAP itself, Laplace, ensembles, curve
+anchors, temperature scaling, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .artifacts import ArtifactStore
+from .backbone import Backbone
+from .config import LoraSettings, TrainSettings, to_plain
+from .data import EncodedSplit, make_loader
+from .training import TrainingHooks, TrainResult, train
+
+
+class ClassifierHooks(TrainingHooks):
+    """Cross-entropy on the active adapter's answer logits: L = -mean log softmax(z)_y."""
+
+    def __init__(self, backbone: Backbone, params: dict[str, torch.nn.Parameter]):
+        self.backbone = backbone
+        self.params = params
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.params.values())}]
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.backbone.class_logits(batch)
+
+    def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        self.backbone.lm.train()
+        try:
+            logits = self.logits(batch)
+        finally:
+            self.backbone.lm.eval()
+        return F.cross_entropy(logits, batch["labels"].to(logits.device))
+
+    def val_nll(self, loader: DataLoader) -> float:
+        total, n = 0.0, 0
+        with torch.inference_mode():
+            for batch in loader:
+                logits = self.logits(batch)
+                total += F.cross_entropy(logits, batch["labels"].to(logits.device), reduction="sum").item()
+                n += len(batch["labels"])
+        return total / max(1, n)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in state.items():
+                self.params[k].copy_(v)
+
+
+@dataclass
+class AdapterFit:
+    """A trained (or cache-loaded) adapter on the backbone."""
+
+    name: str
+    trainable_params: int
+    result: TrainResult
+    reused: bool
+
+
+def map_adapter_key(backbone: Backbone, lora: LoraSettings, settings: TrainSettings, train_split: EncodedSplit,
+                    val_split: EncodedSplit | None, seed: int) -> dict[str, Any]:
+    """Everything a MAP adapter depends on (progress-bar flags excluded)."""
+    train_cfg = {k: v for k, v in to_plain(settings).items() if k not in ("progress", "eval_batch_size")}
+    return {
+        "model": backbone.model_id,
+        "model_settings": {k: v for k, v in to_plain(backbone.settings).items() if k not in ("device",)},
+        "lora": to_plain(lora),
+        "train": train_cfg,
+        "train_data": train_split.fingerprint,
+        "val_data": val_split.fingerprint if val_split is not None else None,
+        "seed": seed,
+    }
+
+
+def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings: TrainSettings,
+                     train_split: EncodedSplit, val_split: EncodedSplit | None, seed: int,
+                     artifacts: ArtifactStore | None = None, hooks_cls: type[ClassifierHooks] = ClassifierHooks,
+                     cache_kind: str | None = "map_adapter") -> AdapterFit:
+    """Add adapter ``name`` and train it by CE (AdamW; weight decay from ``settings``), or load it from
+    ``artifacts`` when an adapter with the same key was trained before."""
+    backbone.add_lora(name, lora, seed=seed)
+    params = backbone.lora_parameters(name)
+    n_params = sum(p.numel() for p in params.values())
+    key = map_adapter_key(backbone, lora, settings, train_split, val_split, seed) if cache_kind else None
+    if artifacts is not None and key is not None:
+        cached = artifacts.get(cache_kind, key)
+        if cached is not None:
+            backbone.load_adapter_state(name, cached["adapter"])
+            return AdapterFit(name, n_params, TrainResult(**cached["result"]), reused=True)
+    torch.manual_seed(seed)
+    loader = make_loader(train_split, settings.batch_size, shuffle=True, seed=seed)
+    val_loader = make_loader(val_split, settings.eval_batch_size) if val_split is not None else None
+    result = train(hooks_cls(backbone, params), loader, settings, backbone.device, val_loader, desc=f"train {name}")
+    if artifacts is not None and key is not None:
+        record = {"steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
+                  "best_val_nll": result.best_val_nll, "history": result.history}
+        artifacts.save(cache_kind, key, {"adapter": backbone.adapter_state(name), "result": record})
+    return AdapterFit(name, n_params, result, reused=False)

@@ -1,0 +1,288 @@
+"""A causal LM with peft LoRA adapters and an answer head over the K answer-token rows.
+
+The answer head reads only the last prompt position (prompts are left-padded) and only the K
+rows of the LM head that belong to the answer tokens: z(x) = W_lm[answer_ids] h_T(x) (+ bias).
+Full-vocabulary logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraSettings, ModelSettings
+from .errors import ConfigError
+from .predictive import MASKED_LOGIT
+
+log = logging.getLogger(__name__)
+
+HUB_ALIASES = {
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"model.dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def resolve_model_path(name: str) -> str:
+    """A bundled alias -> its converted cache dir; a hub alias -> its hub id; otherwise unchanged."""
+    from .assets import BUNDLED_MODEL, ensure_model
+
+    if name == BUNDLED_MODEL:
+        return str(ensure_model(name))
+    if name in HUB_ALIASES:
+        return HUB_ALIASES[name]
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0..n-1 over the real tokens of each left-padded row (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Backbone:
+    """One frozen LM in memory with any number of named LoRA adapters (peft) on it."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, settings: ModelSettings | None = None):
+        self.settings = settings or ModelSettings()
+        self.lm = model
+        self.tokenizer = tokenizer
+        self.peft_model: Any = None
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        self.lm.eval()
+        self.num_forward_passes = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.lm.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm.config.hidden_size)
+
+    @property
+    def model_id(self) -> str:
+        return str(getattr(self.lm.config, "_name_or_path", "") or self.settings.name)
+
+    # ------------------------------------------------------------------ forward
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Last-position hidden state h_T (B, H) after the final norm, in float32."""
+        input_ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        out = self.lm.get_decoder()(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        )
+        self.num_forward_passes += input_ids.shape[0]
+        return out.last_hidden_state[:, -1].float()
+
+    def head_weight(self, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The K answer rows of the LM head, (K, H), and their bias if the head has one."""
+        head = self.lm.get_output_embeddings()
+        ids = answer_ids.to(head.weight.device)
+        bias = head.bias[ids].float() if getattr(head, "bias", None) is not None else None
+        return head.weight[ids].float(), bias
+
+    def head_logits(self, features: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """z = W[answer_ids] h + b, with options an example lacks set to MASKED_LOGIT."""
+        weight, bias = self.head_weight(batch["answer_ids"])
+        logits = features @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        return mask_choices(logits, batch["choice_mask"].to(logits.device))
+
+    def class_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, K) float32 answer logits of the active adapter(s)."""
+        return self.head_logits(self.features(batch), batch)
+
+    # ------------------------------------------------------------------ adapters
+    def add_lora(self, name: str, settings: LoraSettings, seed: int | None = None) -> None:
+        """Add LoRA adapter ``name`` (A ~ peft default init, B = 0), make it active and trainable."""
+        from peft import LoraConfig, get_peft_model
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+            layers_to_transform=self.adapted_layers(settings),
+            bias="none",
+        )
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.lm, config, adapter_name=name)
+        else:
+            if name in self.peft_model.peft_config:
+                raise ConfigError(f"adapter {name!r} already exists on this backbone")
+            self.peft_model.add_adapter(name, config)
+        self.use_adapter(name)
+        self.lm.eval()
+
+    def adapted_layers(self, settings: LoraSettings) -> list[int] | None:
+        """Layer indices from ``lora.layers``: None (all), a list, or {"top": N}."""
+        layers = settings.layers
+        if layers is None:
+            return None
+        if isinstance(layers, dict):
+            if set(layers) != {"top"} or not 1 <= int(layers["top"]) <= self.num_layers:
+                raise ConfigError(f"lora.layers must be a list or {{top: N}} with 1 <= N <= {self.num_layers}")
+            return list(range(self.num_layers - int(layers["top"]), self.num_layers))
+        bad = [i for i in layers if not 0 <= int(i) < self.num_layers]
+        if bad:
+            raise ConfigError(f"lora.layers {bad} out of range: the model has {self.num_layers} layers")
+        return [int(i) for i in layers]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.peft_model.peft_config) if self.peft_model is not None else []
+
+    def use_adapter(self, name: str) -> None:
+        """Activate adapter ``name``; only its parameters require grad."""
+        if name not in self.adapter_names():
+            raise ConfigError(f"no adapter named {name!r}; adapters on the backbone: {self.adapter_names()}")
+        self.peft_model.set_adapter(name)
+        for pname, p in self.lm.named_parameters():
+            p.requires_grad_(f".{name}." in pname and "lora_" in pname)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.adapter_names():
+            self.peft_model.delete_adapter(name)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The base model without any adapter (zero-shot)."""
+        if not self.adapter_names():  # never wrapped, or every adapter deleted: the plain base model
+            yield
+        else:
+            with self.peft_model.disable_adapter():
+                yield
+
+    def lora_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter ``name``'s parameters keyed by their module path (adapter name removed)."""
+        return {pname.replace(f".{name}.", "."): p for pname, p in self.lm.named_parameters()
+                if f".{name}." in pname and "lora_" in pname}
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.lora_parameters(name).items()}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        params = self.lora_parameters(name)
+        if set(params) != set(state):
+            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            raise ConfigError(f"adapter state does not match adapter {name!r}: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]} (was it saved with other lora settings?)")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+    @contextlib.contextmanager
+    def lora_dropout_active(self) -> Iterator[None]:
+        """Put only the LoRA dropout modules in train mode (MC dropout); everything else stays eval."""
+        modules = [m for n, m in self.lm.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout)]
+        for m in modules:
+            m.train()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.eval()
+
+
+def mask_choices(logits: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~choice_mask, MASKED_LOGIT)
+
+
+def _random_init_model(spec: dict[str, Any]) -> nn.Module:
+    """A small untrained Llama or Qwen2 built from a config in code (tests and timing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    arch = spec.pop("arch", "llama")
+    seed = spec.pop("seed", 0)
+    defaults = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                "tie_word_embeddings": True}
+    config = AutoConfig.for_model(arch, **{**defaults, **spec})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Backbone:
+    """Load a causal LM (bundled alias, hub id or local dir, or ``random_init``) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import build_dataclass
+
+    settings = build_dataclass(ModelSettings, settings, "model") if not isinstance(settings, ModelSettings) \
+        else settings
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.random_init is not None:
+        tok_path = resolve_model_path(settings.random_init.get("tokenizer", "smollm2-135m"))
+        spec = {k: v for k, v in settings.random_init.items() if k != "tokenizer"}
+        model = _random_init_model(spec).to(dtype)
+    else:
+        tok_path = resolve_model_path(settings.name)
+        kwargs: dict[str, Any] = {"dtype": dtype, "revision": settings.revision}
+        if settings.load_in_bits is not None:
+            kwargs["quantization_config"] = _quantization_config(settings.load_in_bits)
+            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else None
+        model = AutoModelForCausalLM.from_pretrained(tok_path, **kwargs)
+    if settings.load_in_bits is None:
+        model = model.to(device)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=settings.revision)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.get_output_embeddings() is None or model.get_decoder() is None:
+        raise ConfigError(f"model {settings.name!r} has no decoder/LM head; bayeslora needs a causal LM")
+    log.info("loaded %s (%s, %s)", settings.name, dtype, device)
+    return Backbone(model, tokenizer, settings)
+
+
+def _quantization_config(bits: int) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ConfigError("model.load_in_bits needs the bitsandbytes package: pip install bitsandbytes") from exc
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                  bnb_4bit_quant_type="nf4")
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"model.load_in_bits must be 4 or 8, got {bits}")

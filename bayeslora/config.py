@@ -1,0 +1,132 @@
+"""Dataclass settings shared by the backbone, data, training loop and runner, and a strict builder.
+
+``build_dataclass`` turns a (YAML) mapping into a dataclass, recursing into nested dataclasses and
+rejecting unknown keys with the list of valid ones, so a typo in a suite never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelSettings:
+    """Which causal LM to load.
+
+    ``name`` is a known alias (``smollm2-135m``), a Hugging Face hub id or a local directory.
+    ``dtype``: auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16.
+    ``random_init`` builds an untrained model from a small config in code (tests, timing).
+    """
+
+    name: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    load_in_bits: int | None = None
+    gradient_checkpointing: bool = False
+    max_length: int = 512
+    random_init: dict[str, Any] | None = None
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on ``target_modules`` (peft). ``layers``: None (all), a list of indices, or {"top": N}."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: list[int] | dict[str, int] | None = None
+
+
+@dataclass
+class TrainSettings:
+    """The one fine-tuning loop's settings (AdamW, linear warm-up/decay, clipping, early stopping)."""
+
+    epochs: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 1e-2
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    early_stopping_patience: int | None = None
+    eval_batch_size: int = 16
+    autocast: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class DataSettings:
+    """Where a task's data comes from and how many examples of each split a run uses (None = all).
+
+    ``source``: ``offline`` (the bundled copies, split by the documented offline protocol),
+    ``hub`` (the Hugging Face hub ids in :data:`bayeslora.data.tasks.TASKS`) or ``files`` (local
+    jsonl/json/parquet/arrow files or save-to-disk folders in the hub schema, given in ``files``
+    as {train: PATH, test: PATH, val: PATH (optional)}).
+    """
+
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    source: str = "offline"
+    files: dict[str, str] | None = None
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    if _is_dataclass_type(tp):
+        return tp
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            if _is_dataclass_type(arg):
+                return arg
+    return None
+
+
+def build_dataclass(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``; unknown keys raise ConfigError naming ``where``."""
+    if values is None:
+        return cls()
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}: {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        sub = _dataclass_in(hints.get(key))
+        if sub is not None and isinstance(value, dict):
+            value = build_dataclass(sub, value, f"{where}.{key}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {where}: {exc}") from exc
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples -> dicts/lists, for hashing and YAML."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj

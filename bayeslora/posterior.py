@@ -1,0 +1,103 @@
+"""The posterior interface every method implements: fit -> predict -> (N, S, K) logits."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch.utils.data import DataLoader
+
+from .errors import ConfigError
+from .predictive import Predictive
+
+if TYPE_CHECKING:
+    from .artifacts import ArtifactStore
+    from .backbone import Backbone
+    from .data import EncodedSplit
+
+
+@dataclass
+class FitReport:
+    """What fitting cost and produced. ``extra`` holds method-specific numbers (e.g. tuned prior precision)."""
+
+    fit_seconds: float = 0.0
+    trainable_params: int = 0
+    posterior_params: int = 0
+    train_steps: int = 0
+    reused_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EmptyConfig:
+    """For methods without hyperparameters."""
+
+
+class Posterior(abc.ABC):
+    """A posterior (or point estimate) over the adapter and/or head of a backbone.
+
+    Subclasses set ``name`` (registry key), ``Config`` (a dataclass of hyperparameters) and a
+    one-line ``description``, then implement :meth:`fit`, :meth:`predict`, :meth:`state_dict`
+    and :meth:`load_state_dict`. ``artifacts`` (optional) is a shared store where expensive
+    intermediate results, such as trained MAP adapters, are cached and reused across methods.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = EmptyConfig
+    description: ClassVar[str] = ""
+    deterministic: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, *, seed: int = 0, artifacts: ArtifactStore | None = None):
+        self.config = self.make_config(config)
+        self.seed = seed
+        self.artifacts = artifacts
+        self.backbone: Backbone | None = None
+
+    @classmethod
+    def make_config(cls, config: Any = None) -> Any:
+        """Build ``cls.Config`` from None, a dict or an instance; unknown keys fail with the valid ones."""
+        if config is None:
+            return cls.Config()
+        if isinstance(config, cls.Config):
+            return config
+        if not isinstance(config, dict):
+            raise ConfigError(f"config of method {cls.name!r} must be a mapping, got {type(config).__name__}")
+        from .config import build_dataclass
+
+        return build_dataclass(cls.Config, config, where=f"methods.{cls.name}.config")
+
+    def attach(self, backbone: Backbone) -> Posterior:
+        """Bind to a backbone (fit does this; call it before load_state_dict on a fresh instance)."""
+        self.backbone = backbone
+        return self
+
+    def require_backbone(self) -> Backbone:
+        if self.backbone is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no backbone: call fit(backbone, ...) or attach(backbone) first"
+            )
+        return self.backbone
+
+    @abc.abstractmethod
+    def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        """Train or fit the posterior; may reuse cached MAP adapters from ``self.artifacts``."""
+
+    @abc.abstractmethod
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        """Return S = num_samples (or 1 for deterministic methods) class-logit samples per example."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to predict again after :meth:`attach` on an equal backbone."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def release(self) -> None:  # noqa: B027 - optional hook, a no-op unless a method adds adapters
+        """Free adapters this posterior added to its backbone (the runner calls this after each run)."""
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)

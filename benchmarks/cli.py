@@ -1,0 +1,82 @@
+"""The ``bayeslora`` command: methods, assets, run, leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bayeslora import BayesLoraError, available_methods
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    methods = available_methods()
+    width = max(len(n) for n in methods)
+    for name, cls in methods.items():
+        doc = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<{width}}  {doc}  [{cls.__module__}]")
+    return 0
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from bayeslora.assets import ensure_all
+
+    for what, path in ensure_all().items():
+        print(f"{what}: {path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import Runner
+    from .suite import load_suite
+
+    suite = load_suite(args.suite, args.set)
+    executed = Runner(suite, args.out).run()
+    print(f"{len(executed)} runs executed, {len(suite.runs) - len(executed)} already finished; "
+          f"results in {args.out}/results.csv")
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import build_leaderboard
+
+    _, markdown = build_leaderboard(args.dir)
+    print(markdown)
+    print(f"written: {args.dir}/leaderboard.md, {args.dir}/leaderboard.csv")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list registered posterior methods").set_defaults(func=_cmd_methods)
+    sub.add_parser("assets", help="prepare the offline model and datasets").set_defaults(func=_cmd_assets)
+    run = sub.add_parser("run", help="run a benchmark suite (resumes where it stopped)")
+    run.add_argument("suite", help="suite YAML, e.g. configs/suites/smoke.yaml")
+    run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a suite value, e.g. --set data.max_test=32 (repeatable)")
+    run.set_defaults(func=_cmd_run)
+    board = sub.add_parser("leaderboard", help="aggregate a results folder over seeds")
+    board.add_argument("dir", help="output folder of `bayeslora run`")
+    board.set_defaults(func=_cmd_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except BayesLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Executes a suite: each run fits one posterior and predicts its test and OOD sets.
+
+Output layout (every run written atomically: a temporary folder renamed into place)::
+
+    OUT/runs/<run-id>/config.yaml          the resolved configuration (run-id = its hash)
+    OUT/runs/<run-id>/predictive.pt        in-distribution test set: logits (N,S,K), labels, example_ids
+    OUT/runs/<run-id>/predictive-<set>.pt  each OOD evaluation set
+    OUT/runs/<run-id>/metrics.json         one row per evaluation set
+    OUT/runs/<run-id>/log.txt              the run's log
+    OUT/cache/                             shared artifacts (MAP adapters, ...)
+    OUT/results.csv, OUT/results.parquet   every finished run's rows
+
+A run whose folder holds metrics.json is skipped, so an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from bayeslora import Posterior, Predictive, get_method
+from bayeslora.artifacts import ArtifactStore, content_hash
+from bayeslora.backbone import Backbone, load_backbone
+from bayeslora.config import DataSettings, ModelSettings, to_plain
+from bayeslora.data import EncodedSplit, get_task, load_task_splits, make_loader
+from bayeslora.metrics import classification_metrics, ood_metrics
+
+from .store import write_results
+from .suite import RunSpec, Suite
+
+log = logging.getLogger("bayeslora.runner")
+
+
+@dataclass
+class TaskData:
+    train: EncodedSplit
+    val: EncodedSplit
+    test: EncodedSplit
+    protocol: str
+
+
+class DataCache:
+    """Tokenised splits per (tokenizer, dataset, data settings, max_length), built once per process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, TaskData] = {}
+
+    def get(self, backbone: Backbone, dataset: str, data: DataSettings) -> TaskData:
+        key = content_hash([backbone.model_id, dataset, to_plain(data), backbone.settings.max_length])
+        if key not in self._cache:
+            splits = load_task_splits(get_task(dataset), data)
+            enc = lambda ex, part: EncodedSplit(ex, backbone.tokenizer, backbone.settings.max_length,
+                                                f"{dataset}/{part}")
+            self._cache[key] = TaskData(enc(splits.train, "train"), enc(splits.val, "val"), enc(splits.test, "test"),
+                                        splits.protocol)
+        return self._cache[key]
+
+
+class Runner:
+    """Runs a suite's runs in order on the local machine, skipping finished ones."""
+
+    def __init__(self, suite: Suite, out_dir: str | Path, progress: bool = True):
+        self.suite = suite
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.artifacts = ArtifactStore(self.out / "cache")
+        self.data = DataCache()
+        self._backbone: Backbone | None = None
+        self._backbone_key: str | None = None
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return self.out / "runs" / spec.run_id
+
+    def is_done(self, spec: RunSpec) -> bool:
+        return (self.run_dir(spec) / "metrics.json").exists()
+
+    def backbone(self, settings: ModelSettings) -> Backbone:
+        key = content_hash(settings)
+        if key != self._backbone_key:
+            self._backbone = None
+            gc.collect()
+            self._backbone = load_backbone(settings)
+            self._backbone_key = key
+        return self._backbone
+
+    def run(self) -> list[str]:
+        """Run every unfinished run; returns the ids of the runs executed now."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in (self.out / "runs").glob(".tmp-*"):  # left by a killed run; its results were never final
+            shutil.rmtree(stale, ignore_errors=True)
+        (self.out / "suite.yaml").write_text(yaml.safe_dump(self.suite.raw, sort_keys=False))
+        executed = []
+        todo = [s for s in self.suite.runs if not self.is_done(s)]
+        log.info("%d runs in suite %s, %d already finished", len(self.suite.runs), self.suite.name,
+                 len(self.suite.runs) - len(todo))
+        for i, spec in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
+            self.execute(spec)
+            executed.append(spec.run_id)
+            write_results(self.out)
+        write_results(self.out)
+        return executed
+
+    def execute(self, spec: RunSpec) -> None:
+        final = self.run_dir(spec)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{spec.run_id}-"))
+        handler = logging.FileHandler(tmp / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        try:
+            (tmp / "config.yaml").write_text(yaml.safe_dump({"run_id": spec.run_id, **spec.resolved()},
+                                                            sort_keys=False))
+            rows = self._fit_and_evaluate(spec, tmp)
+            (tmp / "metrics.json").write_text(json.dumps({"run_id": spec.run_id, "rows": rows}, indent=1))
+            handler.close()
+            root.removeHandler(handler)
+            if final.exists():  # a stale folder without metrics.json (e.g. from an older, killed version)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _fit_and_evaluate(self, spec: RunSpec, tmp: Path) -> list[dict[str, Any]]:
+        backbone = self.backbone(spec.model)
+        task = self.data.get(backbone, spec.dataset.name, spec.data)
+        posterior: Posterior = get_method(spec.method.name)(spec.method_config, seed=spec.seed,
+                                                            artifacts=self.artifacts)
+        torch.manual_seed(spec.seed)
+        log.info("run %s: %s", spec.run_id, spec.title)
+        try:
+            start = time.perf_counter()
+            report = posterior.fit(backbone, task.train, task.val)
+            report.fit_seconds = report.fit_seconds or time.perf_counter() - start
+            log.info("fit: %s", report)
+            eval_batch = getattr(getattr(spec.method_config, "train", None), "eval_batch_size", 16)
+            predictive = self._predict(posterior, task.test, spec, eval_batch)
+            predictive.save(tmp / "predictive.pt")
+            rows = [self._row(spec, report, predictive, spec.dataset.name, task.protocol, task.test.num_classes)]
+            for ood_name in spec.dataset.ood:
+                ood = self.data.get(backbone, ood_name, spec.data)
+                ood_pred = self._predict(posterior, ood.test, spec, eval_batch)
+                ood_pred.save(tmp / f"predictive-{ood_name}.pt")
+                row = self._row(spec, report, ood_pred, ood_name, ood.protocol, ood.test.num_classes)
+                row.update(ood_metrics(predictive.logits, ood_pred.logits))
+                rows.append(row)
+        finally:
+            posterior.release()
+        return rows
+
+    def _predict(self, posterior: Posterior, split: EncodedSplit, spec: RunSpec, batch_size: int) -> Predictive:
+        predictive = posterior.predict(make_loader(split, batch_size), spec.num_samples)
+        if posterior.deterministic and predictive.num_samples != 1:
+            raise RuntimeError(f"{spec.method.name} is deterministic but returned S={predictive.num_samples}")
+        return predictive
+
+    def _row(self, spec: RunSpec, report: Any, pred: Predictive, eval_set: str, protocol: str,
+             num_classes: int) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "model": spec.model.name, "method": spec.method.label, "method_name": spec.method.name,
+            "dataset": spec.dataset.name, "eval_set": eval_set, "split": "test", "seed": spec.seed,
+            "num_samples": pred.num_samples, "n_examples": len(pred.labels),
+        }
+        row.update(classification_metrics(pred.logits, pred.labels, n_bins=spec.n_bins))
+        row.update({
+            "fit_seconds": report.fit_seconds, "predict_seconds": pred.cost.wall_seconds,
+            "peak_mem_mb": pred.cost.peak_mem_mb, "trainable_params": report.trainable_params,
+            "posterior_params": report.posterior_params, "forward_passes": pred.cost.forward_passes,
+            "reused_cache": report.reused_cache,
+            "template": get_task(eval_set).template, "protocol": protocol, "n_bins": spec.n_bins,
+            "k_policy": f"per-question options, K={num_classes}", "suite": spec.suite, "run_id": spec.run_id,
+        })
+        row.update({f"fit_{k}": v for k, v in report.extra.items() if isinstance(v, int | float | str)})
+        return row

@@ -1,0 +1,213 @@
+"""Suite files: models x methods x datasets x seeds (+ OOD evaluation sets), expanded into runs.
+
+A suite YAML::
+
+    name: smoke
+    num_samples: 10            # S, the same for every method of the comparison
+    seeds: [0, 1, 2]
+    model: {name: smollm2-135m, max_length: 256}   # or `models: [...]`
+    lora:  {r: 8, alpha: 16, dropout: 0.1, target_modules: [q_proj, v_proj], layers: {top: 4}}
+    train: {epochs: 1, lr: 5.0e-4, batch_size: 8}
+    data:  {max_train: 400, max_val: 48, max_test: 400}
+    datasets:
+      - sst2
+      - {name: obqa, ood: [arc_challenge, mmlu_college_physics]}
+      - {name: boolq, data: {max_train: 200}}                      # per-dataset data overrides
+    methods:
+      - map
+      - {name: map, label: map-wd0.1, train: {weight_decay: 0.1}}   # per-method lora/train overrides
+      - {name: some_method, config: {key: value}}                    # the method's own Config
+
+Every run is keyed by a hash of its fully resolved configuration, so a finished run is found again
+and never recomputed, and any change to what determines it gives a new run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bayeslora import ConfigError, get_method
+from bayeslora.artifacts import content_hash
+from bayeslora.config import DataSettings, LoraSettings, ModelSettings, TrainSettings, build_dataclass, to_plain
+from bayeslora.data import get_task
+
+SUITE_KEYS = {"name", "description", "num_samples", "seeds", "model", "models", "lora", "train", "data",
+              "datasets", "methods", "n_bins"}
+RESULT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class MethodEntry:
+    name: str
+    label: str
+    config: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    ood: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSpec:
+    """One (model, method, dataset, seed) run, fully resolved."""
+
+    suite: str
+    model: ModelSettings
+    method: MethodEntry
+    method_config: Any
+    dataset: DatasetEntry
+    data: DataSettings
+    seed: int
+    num_samples: int
+    n_bins: int
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "schema": RESULT_SCHEMA_VERSION,
+            "model": to_plain(self.model),
+            "method": {"name": self.method.name, "label": self.method.label, "config": to_plain(self.method_config)},
+            "dataset": to_plain(self.dataset),
+            "data": to_plain(self.data),
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "n_bins": self.n_bins,
+        }
+
+    @property
+    def run_id(self) -> str:
+        resolved = self.resolved()
+        # progress bars and the device do not change results; keep them out of the key
+        resolved["model"].pop("device", None)
+        cfg = resolved["method"]["config"]
+        if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict):
+            cfg["train"].pop("progress", None)
+        return content_hash(resolved)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model.name} / {self.method.label} / {self.dataset.name} / seed {self.seed}"
+
+
+@dataclass
+class Suite:
+    name: str
+    raw: dict[str, Any]
+    runs: list[RunSpec]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a mapping in the suite")
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set data.max_test=32)")
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return raw
+
+
+def _method_entry(item: Any, i: int) -> MethodEntry:
+    if isinstance(item, str):
+        return MethodEntry(item, item)
+    if not isinstance(item, dict) or "name" not in item:
+        raise ConfigError(f"methods[{i}] must be a method name or a mapping with 'name', got {item!r}")
+    unknown = set(item) - {"name", "label", "config", "lora", "train"}
+    if unknown:
+        raise ConfigError(f"methods[{i}] has unknown keys {sorted(unknown)}; valid: name, label, config, lora, train")
+    return MethodEntry(item["name"], item.get("label", item["name"]), dict(item.get("config") or {}),
+                       dict(item.get("lora") or {}), dict(item.get("train") or {}))
+
+
+def _dataset_entry(item: Any, i: int) -> DatasetEntry:
+    entry = DatasetEntry(item) if isinstance(item, str) else None
+    if entry is None:
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "ood", "data"}:
+            raise ConfigError(f"datasets[{i}] must be a name or {{name: ..., ood: [...], data: {{...}}}}, "
+                              f"got {item!r}")
+        entry = DatasetEntry(item["name"], list(item.get("ood") or []), dict(item.get("data") or {}))
+    for name in [entry.name, *entry.ood]:
+        get_task(name)  # unknown dataset -> DataError listing the known ones
+    return entry
+
+
+def _method_config(entry: MethodEntry, raw: dict[str, Any]) -> Any:
+    cls = get_method(entry.name)
+    values = dict(entry.config)
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    for section, settings_cls in (("lora", LoraSettings), ("train", TrainSettings)):
+        merged = {**(raw.get(section) or {}), **getattr(entry, section)}
+        if section in names:
+            values[section] = build_dataclass(settings_cls, {**merged, **values.get(section, {})},
+                                              f"{section} (method {entry.label})")
+        elif getattr(entry, section):
+            raise ConfigError(f"method {entry.label!r} has no {section} settings; remove methods[].{section}")
+    return cls.make_config(values)
+
+
+def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
+    if not isinstance(raw, dict):
+        raise ConfigError("a suite file must be a YAML mapping (see configs/suites/smoke.yaml)")
+    unknown = set(raw) - SUITE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown top-level suite key(s) {sorted(unknown)}; valid keys: {sorted(SUITE_KEYS)}")
+    for required in ("datasets", "methods"):
+        if not raw.get(required):
+            raise ConfigError(f"suite has no {required!r}: list at least one")
+    if "model" in raw and "models" in raw:
+        raise ConfigError("give either 'model' or 'models' in a suite, not both")
+    models = raw.get("models") or [raw.get("model") or {}]
+    models = [build_dataclass(ModelSettings, m if isinstance(m, dict) else {"name": m}, f"models[{i}]")
+              for i, m in enumerate(models)]
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+    num_samples = raw.get("num_samples", 10)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+    methods = [_method_entry(m, i) for i, m in enumerate(raw["methods"])]
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"method labels must be unique; give repeated methods a 'label': {labels}")
+    configs = {m.label: _method_config(m, raw) for m in methods}
+    datasets = [_dataset_entry(d, i) for i, d in enumerate(raw["datasets"])]
+    name = raw.get("name", default_name)
+    data = {d.name: build_dataclass(DataSettings, {**(raw.get("data") or {}), **d.data}, f"datasets.{d.name}.data")
+            for d in datasets}
+    runs = [
+        RunSpec(name, model, method, configs[method.label], dataset, data[dataset.name], seed, num_samples,
+                raw.get("n_bins", 15))
+        for model in models for dataset in datasets for seed in seeds for method in methods
+    ]
+    return Suite(name, raw, runs)
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"suite file {path} does not exist (see configs/suites/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"suite file {path} is not valid YAML: {exc}") from exc
+    return parse_suite(apply_overrides(raw or {}, overrides or []), default_name=path.stem)

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from bayeslora import TrainingError, get_method
+from bayeslora.adapters import ClassifierHooks
+from bayeslora.artifacts import ArtifactStore
+from bayeslora.config import TrainSettings
+from bayeslora.data import make_loader
+from bayeslora.metrics import classification_metrics
+from bayeslora.training import train
+
+
+def test_map_training_lowers_nll_and_beats_zero_shot(tiny_backbone, toy_splits, fast_adapter_config):
+    train_split, val, test = toy_splits
+    zero = get_method("zero_shot")()
+    zero.fit(tiny_backbone, train_split, val)
+    before = classification_metrics(*_lp(zero.predict(make_loader(test, 8), 1)))
+    post = get_method("map")(fast_adapter_config, seed=0)
+    report = post.fit(tiny_backbone, train_split, val)
+    pred = post.predict(make_loader(test, 8), 5)
+    after = classification_metrics(pred.logits, pred.labels)
+    assert pred.logits.shape == (12, 1, 2) and pred.cost.forward_passes == 1
+    assert report.trainable_params == 2 * 2 * (2 * 32 + 32 + 16)  # 2 layers x (q: A 2x32, B 32x2; v: A 2x32, B 16x2)
+    assert after["nll"] < before["nll"]
+
+
+def _lp(pred):
+    return pred.logits, pred.labels
+
+
+def test_saved_and_reloaded_posterior_predicts_the_same(tiny_backbone, toy_splits, fast_adapter_config):
+    train_split, val, test = toy_splits
+    post = get_method("map")(fast_adapter_config, seed=3)
+    post.fit(tiny_backbone, train_split, val)
+    first = post.predict(make_loader(test, 8), 1)
+    state = post.state_dict()
+    post.release()
+    fresh = get_method("map")(fast_adapter_config, seed=3).attach(tiny_backbone)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.predict(make_loader(test, 8), 1).logits, first.logits)
+
+
+def test_map_adapter_is_cached_and_reused(tmp_path, tiny_backbone, toy_splits, fast_adapter_config):
+    train_split, val, test = toy_splits
+    store = ArtifactStore(tmp_path)
+    a = get_method("map")(fast_adapter_config, seed=1, artifacts=store)
+    ra = a.fit(tiny_backbone, train_split, val)
+    la = a.predict(make_loader(test, 8), 1).logits
+    a.release()
+    b = get_method("map")(fast_adapter_config, seed=1, artifacts=store)
+    rb = b.fit(tiny_backbone, train_split, val)
+    assert not ra.reused_cache and rb.reused_cache and store.hits == 1
+    assert torch.equal(b.predict(make_loader(test, 8), 1).logits, la)
+    b.release()
+    c = get_method("map")(fast_adapter_config, seed=2, artifacts=store)  # another seed is another adapter
+    assert not c.fit(tiny_backbone, train_split, val).reused_cache
+
+
+def test_mle_differs_from_map_only_by_weight_decay(fast_adapter_config):
+    assert get_method("mle").weight_decay == 0.0
+    assert get_method("map")(fast_adapter_config).train_settings().weight_decay == fast_adapter_config[
+        "train"].weight_decay
+
+
+def test_nan_loss_is_a_clear_error(tiny_backbone, toy_splits):
+    tiny_backbone.add_lora("nan", __import__("bayeslora.config", fromlist=["LoraSettings"]).LoraSettings(r=2))
+
+    class NanHooks(ClassifierHooks):
+        def loss(self, batch, step):
+            return super().loss(batch, step) * float("nan")
+
+    hooks = NanHooks(tiny_backbone, tiny_backbone.lora_parameters("nan"))
+    with pytest.raises(TrainingError, match="lower train.lr"):
+        train(hooks, make_loader(toy_splits[0], 8), TrainSettings(progress=False), tiny_backbone.device)
+
+
+def test_early_stopping_restores_best_epoch(tiny_backbone, toy_splits):
+    from bayeslora.config import LoraSettings
+
+    tiny_backbone.add_lora("es", LoraSettings(r=2, dropout=0.0), seed=0)
+    hooks = ClassifierHooks(tiny_backbone, tiny_backbone.lora_parameters("es"))
+    settings = TrainSettings(epochs=4, lr=5e-2, batch_size=8, progress=False, early_stopping_patience=0)
+    result = train(hooks, make_loader(toy_splits[0], 8), settings, tiny_backbone.device,
+                   make_loader(toy_splits[1], 8))
+    vals = [h["val_nll"] for h in result.history]
+    assert result.best_val_nll == pytest.approx(min(vals))
+    assert hooks.val_nll(make_loader(toy_splits[1], 8)) == pytest.approx(min(vals), rel=1e-5)
+    assert all(math.isfinite(v) for v in vals)

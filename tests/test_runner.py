@@ -1,0 +1,153 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from benchmarks.cli import main as cli_main
+from benchmarks.leaderboard import aggregate
+from benchmarks.runner import Runner
+from benchmarks.suite import load_suite, parse_suite
+
+from .conftest import tiny_model_settings
+from .plugin_fixture import install_plugin
+
+REPO = Path(__file__).parents[1]
+REQUIRED_COLUMNS = ["model", "method", "dataset", "eval_set", "split", "seed", "num_samples", "n_examples", "acc",
+                    "ece", "nll", "brier", "entropy", "mi", "fit_seconds", "predict_seconds", "peak_mem_mb",
+                    "trainable_params"]
+
+
+def tiny_suite(**changes):
+    suite = {
+        "name": "tiny", "num_samples": 3, "seeds": [0, 1],
+        "model": tiny_model_settings("llama"),
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "progress": False},
+        "data": {"max_train": 16, "max_val": 8, "max_test": 12},
+        "datasets": [{"name": "sst2", "ood": ["boolq"]}],
+        "methods": ["zero_shot", "map"],
+    }
+    suite.update(changes)
+    return suite
+
+
+pytestmark = pytest.mark.integration  # reads the bundled datasets and tokenizer
+
+
+def test_runner_writes_layout_results_and_resumes(tmp_path):
+    runner = Runner(parse_suite(tiny_suite()), tmp_path)
+    assert len(runner.run()) == 4
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert set(REQUIRED_COLUMNS) <= set(df.columns) and (tmp_path / "results.parquet").exists()
+    assert len(df) == 4 * 2 and set(df.eval_set) == {"sst2", "boolq"}
+    assert df[df.eval_set == "boolq"].ood_auroc_mi.notna().all()
+    run_dir = tmp_path / "runs" / df.run_id.iloc[0]
+    pred = torch.load(run_dir / "predictive.pt")
+    assert pred["logits"].dtype == torch.float32 and pred["logits"].ndim == 3 and pred["labels"].dtype == torch.int64
+    assert len(pred["example_ids"]) == pred["logits"].shape[0] == 12
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_id"] == run_dir.name
+    # the MAP adapter was trained once per seed and cached
+    assert len(list((tmp_path / "cache" / "map_adapter").glob("*.pt"))) == 2
+    # a second invocation finds everything done
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/metrics.json")}
+    assert Runner(parse_suite(tiny_suite()), tmp_path).run() == []
+    assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/metrics.json")}
+
+
+def test_new_method_reuses_cached_map_adapter(tmp_path):
+    Runner(parse_suite(tiny_suite(methods=["map"], seeds=[0])), tmp_path).run()
+    Runner(parse_suite(tiny_suite(methods=["map", {"name": "map", "label": "map-again"}], seeds=[0])),
+           tmp_path).run()
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert df.set_index("method").loc["map-again", "reused_cache"].all()
+
+
+def test_leaderboard_cli_aggregates_over_seeds(tmp_path, capsys):
+    Runner(parse_suite(tiny_suite(methods=["map"])), tmp_path).run()
+    assert cli_main(["leaderboard", str(tmp_path)]) == 0
+    assert "± " in capsys.readouterr().out
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    df = pd.read_csv(tmp_path / "results.csv")
+    sst = df[df.eval_set == "sst2"]
+    row = board[board.eval_set == "sst2"].iloc[0]
+    assert row.n_seeds == 2
+    assert row.acc_mean == pytest.approx(sst.acc.mean()) and row.nll_std == pytest.approx(sst.nll.std(ddof=1))
+    assert (tmp_path / "leaderboard.md").read_text().count("| map |") == 2
+    assert aggregate(df).shape[0] == 2
+
+
+def _cli(args, env_extra=None, **kw):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_killed_suite_resumes_without_recomputing(tmp_path):
+    plugin_root = install_plugin(tmp_path / "plugin")
+    suite_path = tmp_path / "suite.yaml"
+    suite = tiny_suite(seeds=[0, 1, 2], datasets=["sst2"],
+                       methods=[{"name": "noisy_zero_shot", "config": {"sleep": 1.5}}])
+    suite_path.write_text(yaml.safe_dump(suite))
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": f"{plugin_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = _cli(["run", str(suite_path), "--out", str(out)], env, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("runs/*/metrics.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    assert 1 <= len(finished) < 3, "the kill should land mid-suite"
+    again = _cli(["run", str(suite_path), "--out", str(out)], env)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    assert f"{3 - len(finished)} runs executed, {len(finished)} already finished" in output
+    assert finished == {p: p.stat().st_mtime_ns for p in finished}  # untouched
+    assert len(pd.read_csv(out / "results.csv")) == 3 and not list(out.glob("runs/.tmp-*"))
+
+
+def test_third_party_method_runs_through_the_runner(tmp_path, monkeypatch):
+    from bayeslora.registry import _REGISTRY, reload_entry_points
+
+    monkeypatch.syspath_prepend(str(install_plugin(tmp_path / "plugin")))
+    reload_entry_points()
+    try:
+        Runner(parse_suite(tiny_suite(seeds=[0], datasets=["sst2"], methods=["noisy_zero_shot"])), tmp_path).run()
+    finally:
+        _REGISTRY.pop("noisy_zero_shot", None)
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert list(df.method) == ["noisy_zero_shot"] and df.num_samples.iloc[0] == 3 and df.mi.iloc[0] > 0
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(tiny_suite(methods=["nope"])))
+    proc = _cli(["run", str(bad), "--out", str(tmp_path / "o")])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "error: unknown method 'nope'" in output and "Traceback" not in output
+
+
+def test_methods_cli_lists_builtins(capsys):
+    assert cli_main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "map" in out and "zero_shot" in out and "mle" in out
+
+
+def test_smoke_suite_on_smollm2(tmp_path):
+    """The bundled SmolLM2-135M end to end through the shipped smoke suite (< 3 min on 2 cores)."""
+    assert cli_main(["run", str(REPO / "configs/suites/smoke.yaml"), "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert set(df.method) == {"zero_shot", "map"} and len(df) == 4
+    sst = df[df.eval_set == "sst2"].set_index("method")
+    assert sst.loc["zero_shot", "acc"] > 0.6  # the bundled model reads sentiment zero-shot
+    metrics = json.loads(next(tmp_path.glob("runs/*/metrics.json")).read_text())
+    assert metrics["rows"][0]["protocol"].startswith("offline:glue/sst2")
+    assert load_suite(REPO / "configs/suites/smoke.yaml").runs[0].model.name == "smollm2-135m"

@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from bayeslora import ConfigError, DataError, UnknownMethodError
+from benchmarks.suite import apply_overrides, load_suite, parse_suite
+
+BASE = {"name": "t", "model": {"name": "tiny"}, "datasets": ["sst2", {"name": "obqa", "ood": ["arc_easy"]}],
+        "methods": ["map", {"name": "map", "label": "map-lr", "train": {"lr": 0.1}}], "seeds": [0, 1],
+        "train": {"lr": 0.001}, "lora": {"r": 4}}
+
+
+def test_expansion_and_method_overrides():
+    suite = parse_suite(BASE)
+    assert len(suite.runs) == 2 * 2 * 2
+    by_label = {r.method.label: r.method_config for r in suite.runs}
+    assert by_label["map"].train.lr == 0.001 and by_label["map-lr"].train.lr == 0.1
+    assert by_label["map"].lora.r == 4
+    assert suite.runs[0].dataset.name == "sst2" and suite.runs[-1].dataset.ood == ["arc_easy"]
+
+
+def test_run_id_is_stable_and_tracks_config():
+    a, b = parse_suite(BASE), parse_suite(BASE)
+    assert [r.run_id for r in a.runs] == [r.run_id for r in b.runs]
+    assert len({r.run_id for r in a.runs}) == len(a.runs)
+    changed = parse_suite(apply_overrides(BASE, ["data.max_test=5"]))
+    assert not {r.run_id for r in changed.runs} & {r.run_id for r in a.runs}
+    quiet = parse_suite(apply_overrides(BASE, ["train.progress=false"]))
+    assert [r.run_id for r in quiet.runs] == [r.run_id for r in a.runs]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"methdos": []}, ConfigError, "unknown top-level suite key"),
+    ({"methods": ["laplace_lorra"]}, UnknownMethodError, "Registered methods"),
+    ({"datasets": ["sst3"]}, DataError, "Known datasets"),
+    ({"train": {"learning_rate": 1}}, ConfigError, "unknown key.*learning_rate.*valid keys"),
+    ({"seeds": "0"}, ConfigError, "seeds must be a list"),
+    ({"methods": ["map", "map"]}, ConfigError, "labels must be unique"),
+    ({"methods": [{"name": "zero_shot", "train": {"lr": 1}}]}, ConfigError, "has no train settings"),
+    ({"num_samples": 0}, ConfigError, "num_samples"),
+])
+def test_bad_suites_fail_clearly(change, error, match):
+    with pytest.raises(error, match=match):
+        parse_suite({**BASE, **change})
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_suite(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_suite(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_suite(good, ["data.max_test"])
+    assert load_suite(good, ["seeds=[3]"]).runs[0].seed == 3
+
+
+def test_shipped_suites_parse():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/suites/*.yaml")):
+        suite = load_suite(path)
+        assert suite.runs, path
+    qwen = load_suite(Path(__file__).parents[1] / "configs/suites/commonsense-qwen2.5-7b.yaml")
+    assert {r.dataset.name for r in qwen.runs} == {"arc_easy", "arc_challenge", "obqa", "wg_s", "wg_m", "boolq"}
+    assert all(r.num_samples == 10 and r.model.name == "Qwen/Qwen2.5-7B" for r in qwen.runs)
