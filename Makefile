@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 OUT ?= results/cpu-quick
 SUITE ?= configs/suites/cpu-quick.yaml
+SET ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup assets demo test test-fast lint clean
@@ -20,7 +21,7 @@ assets: setup
 	$(BIN)/bayeslora assets
 
 demo: assets
-	$(BIN)/bayeslora run $(SUITE) --out $(OUT)
+	$(BIN)/bayeslora run $(SUITE) --out $(OUT) $(foreach kv,$(SET),--set $(kv))
 	$(BIN)/bayeslora leaderboard $(OUT)
 
 test: assets

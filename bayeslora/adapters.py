@@ -76,7 +76,7 @@ def map_adapter_key(backbone: Backbone, lora: LoraSettings, settings: TrainSetti
     train_cfg = {k: v for k, v in to_plain(settings).items() if k not in ("progress", "eval_batch_size")}
     return {
         "model": backbone.model_id,
-        "model_settings": {k: v for k, v in to_plain(backbone.settings).items() if k not in ("device",)},
+        "model_settings": {k: v for k, v in to_plain(backbone.settings).items() if k not in ("device", "trunk_cache")},
         "lora": to_plain(lora),
         "train": train_cfg,
         "train_data": train_split.fingerprint,

@@ -19,6 +19,8 @@ from torch import nn
 from .config import LoraSettings, ModelSettings
 from .errors import ConfigError
 from .predictive import MASKED_LOGIT
+from .profiling import phase
+from .trunk import TrunkCache, position_ids_from_mask, supports_trunk_cache, trunk_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,6 @@ def resolve_model_path(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0..n-1 over the real tokens of each left-padded row (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class Backbone:
     """One frozen LM in memory with any number of named LoRA adapters (peft) on it."""
 
@@ -72,6 +69,7 @@ class Backbone:
             p.requires_grad_(False)
         self.lm.eval()
         self.num_forward_passes = 0
+        self.trunk: TrunkCache | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -99,14 +97,58 @@ class Backbone:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Last-position hidden state h_T (B, H) after the final norm, in float32."""
+        """Last-position hidden state h_T (B, H) after the final norm, in float32.
+
+        With a trunk cache, layers < L come from the cache and only layers L..n-1 run.
+        """
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        out = self.lm.get_decoder()(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
-        )
+        positions = position_ids_from_mask(mask)
         self.num_forward_passes += input_ids.shape[0]
-        return out.last_hidden_state[:, -1].float()
+        if self.trunk is None:
+            out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                        use_cache=False)
+            return out.last_hidden_state[:, -1].float()
+        with phase("trunk"):
+            hidden = self.trunk.hidden_states(input_ids, mask, positions)
+        hidden = self.trunk.stack.run(hidden, mask, positions, self.trunk.layer, self.num_layers)
+        return self.trunk.stack.final_norm(hidden[:, -1]).float()
+
+    # ------------------------------------------------------------------ trunk cache
+    def configure_trunk_cache(self, mode: str, lora: LoraSettings | None) -> TrunkCache | None:
+        """``mode`` auto: cache layers below the lowest layer ``lora`` adapts (off when that is layer 0,
+        or the architecture is not supported); off: always run the full forward.
+
+        The cache object is kept while L and the trunk weights stay the same, so all runs share it.
+        """
+        if isinstance(mode, bool):  # YAML reads a bare `off` as False
+            mode = "auto" if mode else "off"
+        if mode not in ("auto", "off"):
+            raise ConfigError(f"model.trunk_cache must be auto or off, got {mode!r}")
+        layers = self.adapted_layers(lora) if lora is not None else None
+        lowest = min(layers) if layers else 0
+        if mode == "off" or lowest == 0:
+            self.trunk = None
+            return None
+        if not supports_trunk_cache(self.lm):
+            log.info("trunk cache: %s is not a supported architecture (llama, qwen2); running the full forward",
+                     self.lm.config.model_type)
+            self.trunk = None
+            return None
+        self._check_adapters_above(lowest)
+        fingerprint = trunk_fingerprint(self.lm.get_decoder(), lowest, self.model_id)
+        if self.trunk is None or self.trunk.fingerprint != fingerprint:
+            self.trunk = TrunkCache(self.lm.get_decoder(), lowest, fingerprint)
+            log.info("trunk cache on: layers 0..%d computed once per prompt", lowest - 1)
+        return self.trunk
+
+    def _check_adapters_above(self, layer: int) -> None:
+        for name in self.adapter_names():
+            cfg_layers = self.peft_model.peft_config[name].layers_to_transform
+            low = 0 if cfg_layers is None else min([cfg_layers] if isinstance(cfg_layers, int) else cfg_layers)
+            if low < layer:
+                raise ConfigError(f"adapter {name!r} adapts layer {low}, below the trunk cache's layer {layer}; "
+                                  f"set model.trunk_cache: off or adapt only layers >= {layer}")
 
     def head_weight(self, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The K answer rows of the LM head, (K, H), and their bias if the head has one."""
@@ -132,6 +174,8 @@ class Backbone:
         """Add LoRA adapter ``name`` (A ~ peft default init, B = 0), make it active and trainable."""
         from peft import LoraConfig, get_peft_model
 
+        if "." in name or not name:
+            raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.' (a module path separator)")
         if seed is not None:
             torch.manual_seed(seed)
         config = LoraConfig(
@@ -148,6 +192,12 @@ class Backbone:
             if name in self.peft_model.peft_config:
                 raise ConfigError(f"adapter {name!r} already exists on this backbone")
             self.peft_model.add_adapter(name, config)
+        if self.trunk is not None:
+            try:
+                self._check_adapters_above(self.trunk.layer)
+            except ConfigError:
+                self.delete_adapter(name)
+                raise
         self.use_adapter(name)
         self.lm.eval()
 
@@ -175,6 +225,17 @@ class Backbone:
         self.peft_model.set_adapter(name)
         for pname, p in self.lm.named_parameters():
             p.requires_grad_(f".{name}." in pname and "lora_" in pname)
+
+    @contextlib.contextmanager
+    def using_adapter(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` active inside the block; the previously active one afterwards."""
+        previous = self.peft_model.active_adapter if self.peft_model is not None else None
+        self.use_adapter(name)
+        try:
+            yield
+        finally:
+            if previous is not None and previous != name and previous in self.adapter_names():
+                self.use_adapter(previous)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.adapter_names():
@@ -208,16 +269,28 @@ class Backbone:
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
 
     @contextlib.contextmanager
-    def lora_dropout_active(self) -> Iterator[None]:
-        """Put only the LoRA dropout modules in train mode (MC dropout); everything else stays eval."""
-        modules = [m for n, m in self.lm.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout)]
+    def lora_dropout_active(self, name: str | None = None, p: float | None = None) -> Iterator[None]:
+        """LoRA dropout of adapter ``name`` (all adapters if None) in train mode, at rate ``p`` if given
+        (MC dropout); everything else stays in eval mode. Rates and modes are restored on exit."""
+        suffix = f"lora_dropout.{name}" if name is not None else "lora_dropout."
+        modules = [m for n, m in self.lm.named_modules()
+                   if (n.endswith(suffix) if name is not None else suffix in n) and isinstance(m, nn.Dropout)]
+        if p is not None and not 0.0 <= p < 1.0:
+            raise ConfigError(f"dropout rate must be in [0, 1), got {p}")
+        if (p is None or p > 0) and not modules:
+            raise ConfigError(f"adapter {name!r} has no LoRA dropout to activate (trained with lora.dropout: 0); "
+                              f"train it with lora.dropout > 0")
+        rates = [m.p for m in modules]
         for m in modules:
             m.train()
+            if p is not None:
+                m.p = p
         try:
             yield
         finally:
-            for m in modules:
+            for m, rate in zip(modules, rates, strict=True):
                 m.eval()
+                m.p = rate
 
 
 def mask_choices(logits: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:

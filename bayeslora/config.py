@@ -22,6 +22,8 @@ class ModelSettings:
     ``name`` is a known alias (``smollm2-135m``), a Hugging Face hub id or a local directory.
     ``dtype``: auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16.
     ``random_init`` builds an untrained model from a small config in code (tests, timing).
+    ``trunk_cache``: auto (when every adapter sits in layers >= L, layers < L are computed once per
+    prompt and reused; see :mod:`bayeslora.trunk`) or off (always the full forward).
     """
 
     name: str = "smollm2-135m"
@@ -32,6 +34,7 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     max_length: int = 512
     random_init: dict[str, Any] | None = None
+    trunk_cache: str = "auto"
 
 
 @dataclass

@@ -1,10 +1,17 @@
-"""The shared prediction path: run a per-batch sampler over a loader, count its cost, return a Predictive."""
+"""The shared prediction path: run a per-batch sampler over a loader, count its cost, return a Predictive.
+
+Weight-sampling methods (ensembles, MC dropout, variational and Laplace samples, curves) describe
+one posterior sample as a context in which the backbone computes it; :func:`sample_class_logits`
+draws S of them over a tokenised batch, optionally several per batched forward.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -13,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .predictive import Cost, Predictive
+from .profiling import phase
 
 BatchSampler = Callable[[dict[str, Any]], torch.Tensor]
 """batch -> (B, S, K) class logits."""
@@ -33,7 +41,7 @@ def collect_predictive(backbone: Backbone, loader: DataLoader, sample_batch: Bat
     start_passes = backbone.num_forward_passes
     start = time.perf_counter()
     logits, labels, ids = [], [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), phase("predict"):
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             out = sample_batch(batch)
             if out.ndim != 3 or out.shape[0] != len(batch["example_ids"]):
@@ -48,3 +56,37 @@ def collect_predictive(backbone: Backbone, loader: DataLoader, sample_batch: Bat
         peak_mem_mb=peak_memory_mb(backbone.device),
     )
     return Predictive(torch.cat(logits), torch.cat(labels), ids, cost)
+
+
+SampleContext = Callable[[int], AbstractContextManager[Any]]
+"""s -> a context in which the backbone computes posterior sample s (sets weights, noise, ...)."""
+
+
+PER_EXAMPLE_KEYS = ("input_ids", "attention_mask", "labels", "choice_mask")
+
+
+def repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
+    """The batch stacked ``times`` times along the batch axis (per-example tensors only)."""
+    if times == 1:
+        return batch
+    return {k: torch.cat([v] * times) if k in PER_EXAMPLE_KEYS else v for k, v in batch.items()}
+
+
+def sample_class_logits(backbone: Backbone, batch: dict[str, Any], num_samples: int,
+                        sample_context: SampleContext | None = None, samples_per_forward: int = 1) -> torch.Tensor:
+    """(B, S, K) logits z_s(x), s = 1..S, over one tokenised batch (no re-tokenising).
+
+    With ``samples_per_forward`` = k > 1 the batch is stacked k times and k samples come from one
+    batched forward; use it only where the randomness is drawn per row (dropout masks, Flipout
+    signs), since the k stacked copies share one ``sample_context``.
+    """
+    if num_samples < 1 or samples_per_forward < 1:
+        raise ValueError("num_samples and samples_per_forward must be positive")
+    size = batch["input_ids"].shape[0]
+    chunks = []
+    for start in range(0, num_samples, samples_per_forward):
+        reps = min(samples_per_forward, num_samples - start)
+        with sample_context(start) if sample_context is not None else contextlib.nullcontext():
+            logits = backbone.class_logits(repeat_batch(batch, reps))
+        chunks.append(logits.view(reps, size, -1).transpose(0, 1))
+    return torch.cat(chunks, dim=1)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainSettings
 from .errors import ConfigError, TrainingError
+from .profiling import phase
 
 
 class TrainingHooks:
@@ -99,6 +100,12 @@ def autocast_context(settings: TrainSettings, device: torch.device) -> Any:
 def train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, device: torch.device,
           val_loader: DataLoader | None = None, desc: str = "train") -> TrainResult:
     """Run the loop for ``settings.epochs`` epochs (fractional allowed) of ``loader``."""
+    with phase("train"):
+        return _train(hooks, loader, settings, device, val_loader, desc)
+
+
+def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, device: torch.device,
+           val_loader: DataLoader | None, desc: str) -> TrainResult:
     if settings.epochs <= 0 or settings.batch_size <= 0 or settings.grad_accum <= 0:
         raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be positive")
     groups = hooks.param_groups()

@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command: methods, assets, run, leaderboard."""
+"""The ``bayeslora`` command: methods, assets, run, leaderboard, profile."""
 
 from __future__ import annotations
 
@@ -46,6 +46,23 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .leaderboard import format_seconds, phase_comparison, phase_table, to_markdown
+    from .store import results_table
+
+    tables = [results_table(d) for d in args.dirs]
+    for d, df in zip(args.dirs, tables, strict=True):
+        if df.empty or "time_train" not in df.columns:
+            raise FileNotFoundError(f"no profiled runs under {d}/runs; run `bayeslora run SUITE --out {d}` first")
+    if len(tables) == 1:
+        print(to_markdown(format_seconds(phase_table(tables[0]))))
+    elif len(tables) == 2:
+        print(to_markdown(format_seconds(phase_comparison(tables[0], tables[1], tuple(args.dirs)))))
+    else:
+        raise FileNotFoundError("give one results folder, or two to compare (before, after)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -61,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="aggregate a results folder over seeds")
     board.add_argument("dir", help="output folder of `bayeslora run`")
     board.set_defaults(func=_cmd_leaderboard)
+    prof = sub.add_parser("profile", help="seconds per phase of a results folder, or two compared")
+    prof.add_argument("dirs", nargs="+", help="one output folder, or two (before, after) for a speed-up table")
+    prof.set_defaults(func=_cmd_profile)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Leaderboard: metrics aggregated over seeds per (model, dataset, eval set, method).
+"""Leaderboard: metrics aggregated over seeds per (model, dataset, eval set, method), and the
+per-phase time profile of the suite.
 
 For each metric m over the n seeds: mean, sample std (ddof=1; 0 for a single seed) and the 95%
 confidence half-width t_{0.975, n-1} * std / sqrt(n). Rows are ranked by NLL within each group.
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 from scipy import stats
+
+from bayeslora.profiling import PHASES
 
 from .store import results_table
 
@@ -75,6 +78,44 @@ def build_leaderboard(out_dir: str | Path) -> tuple[pd.DataFrame, str]:
     for keys, group in table.groupby(["model", "dataset", "eval_set"], sort=False):
         parts.append(f"\n## {keys[0]} · trained on {keys[1]} · evaluated on {keys[2]}\n")
         parts.append(to_markdown(group.drop(columns=["model", "dataset", "eval_set"])))
+    profile = phase_table(df)
+    if not profile.empty:
+        parts.append("\n## Where the time went (seconds per phase, summed over runs)\n")
+        parts.append("Exclusive wall-clock seconds: `trunk` is the frozen lower layers (trunk cache), "
+                     "`train` the fine-tuning loop, `fit` the rest of fitting, `predict` the posterior samples.\n\n")
+        parts.append(to_markdown(format_seconds(profile)))
+        profile.to_csv(out_dir / "profile.csv", index=False)
     markdown = "".join(parts)
     (out_dir / "leaderboard.md").write_text(markdown)
     return agg, markdown
+
+
+def phase_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per phase (columns) summed over each method's runs (rows), plus a total row and column.
+
+    A run's profile is repeated on each of its rows (one per evaluation set), so runs are
+    de-duplicated by run_id first. Phases are exclusive: they add up to the run's wall time.
+    """
+    cols = [f"time_{p}" for p in PHASES if f"time_{p}" in df.columns]
+    if not cols:
+        return pd.DataFrame()
+    runs = df.drop_duplicates("run_id")
+    table = runs.groupby("method", sort=False)[cols].sum()
+    table.columns = [c.removeprefix("time_") for c in cols]
+    table.insert(0, "runs", runs.groupby("method", sort=False).size())
+    table.loc["all methods"] = table.sum()
+    table["total"] = table[[c.removeprefix("time_") for c in cols]].sum(axis=1)
+    return table.reset_index()
+
+
+def phase_comparison(before: pd.DataFrame, after: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
+    """Suite-wide seconds per phase for two results folders and the speed-up ratio before/after."""
+    a = phase_table(before).set_index("method").loc["all methods"].drop("runs")
+    b = phase_table(after).set_index("method").loc["all methods"].drop("runs")
+    out = pd.DataFrame({f"{names[0]} (s)": a, f"{names[1]} (s)": b})
+    out["speed-up"] = [f"{x / y:.2f}x" if x > 0 and y > 0 else "–" for x, y in zip(a, b, strict=True)]
+    return out.rename_axis("phase").reset_index()
+
+
+def format_seconds(table: pd.DataFrame) -> pd.DataFrame:
+    return table.apply(lambda col: col.map(lambda v: f"{v:.1f}" if isinstance(v, float) else v))

@@ -7,10 +7,11 @@ Output layout (every run written atomically: a temporary folder renamed into pla
     OUT/runs/<run-id>/predictive-<set>.pt  each OOD evaluation set
     OUT/runs/<run-id>/metrics.json         one row per evaluation set
     OUT/runs/<run-id>/log.txt              the run's log
-    OUT/cache/                             shared artifacts (MAP adapters, ...)
+    OUT/cache/                             shared artifacts (MAP adapters, trunk hidden states, ...)
     OUT/results.csv, OUT/results.parquet   every finished run's rows
 
 A run whose folder holds metrics.json is skipped, so an interrupted suite resumes where it stopped.
+Each run's rows carry its per-phase profile (``time_<phase>`` columns, exclusive seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bayeslora.backbone import Backbone, load_backbone
 from bayeslora.config import DataSettings, ModelSettings, to_plain
 from bayeslora.data import EncodedSplit, get_task, load_task_splits, make_loader
 from bayeslora.metrics import classification_metrics, ood_metrics
+from bayeslora.profiling import PHASES, PhaseProfile, phase, recording
 
 from .store import write_results
 from .suite import RunSpec, Suite
@@ -78,6 +80,7 @@ class Runner:
         self.data = DataCache()
         self._backbone: Backbone | None = None
         self._backbone_key: str | None = None
+        self._trunk_files_loaded: set[Path] = set()
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / spec.run_id
@@ -86,7 +89,7 @@ class Runner:
         return (self.run_dir(spec) / "metrics.json").exists()
 
     def backbone(self, settings: ModelSettings) -> Backbone:
-        key = content_hash(settings)
+        key = content_hash({k: v for k, v in to_plain(settings).items() if k != "trunk_cache"})
         if key != self._backbone_key:
             self._backbone = None
             gc.collect()
@@ -137,30 +140,60 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _fit_and_evaluate(self, spec: RunSpec, tmp: Path) -> list[dict[str, Any]]:
-        backbone = self.backbone(spec.model)
-        task = self.data.get(backbone, spec.dataset.name, spec.data)
+        profile = PhaseProfile()
+        with recording(profile):
+            rows = self._profiled_run(spec, tmp)
+        times = {f"time_{p}": round(profile.seconds.get(p, 0.0), 3) for p in PHASES}
+        log.info("profile (s): %s", times)
+        for row in rows:
+            row.update(times)
+        return rows
+
+    def _profiled_run(self, spec: RunSpec, tmp: Path) -> list[dict[str, Any]]:
+        with phase("load"):
+            backbone = self.backbone(spec.model)
+            trunk = backbone.configure_trunk_cache(spec.model.trunk_cache, spec.lora)
+            trunk_file = self.out / "cache" / "trunk" / f"{trunk.fingerprint}.pt" if trunk else None
+            if trunk is not None and trunk_file not in self._trunk_files_loaded:
+                trunk.load(trunk_file)
+                self._trunk_files_loaded.add(trunk_file)
+        with phase("tokenise"):
+            task = self.data.get(backbone, spec.dataset.name, spec.data)
+            ood_tasks = {name: self.data.get(backbone, name, spec.data) for name in spec.dataset.ood}
         posterior: Posterior = get_method(spec.method.name)(spec.method_config, seed=spec.seed,
                                                             artifacts=self.artifacts)
         torch.manual_seed(spec.seed)
         log.info("run %s: %s", spec.run_id, spec.title)
         try:
-            start = time.perf_counter()
-            report = posterior.fit(backbone, task.train, task.val)
-            report.fit_seconds = report.fit_seconds or time.perf_counter() - start
+            with phase("fit"):
+                start = time.perf_counter()
+                report = posterior.fit(backbone, task.train, task.val)
+                report.fit_seconds = report.fit_seconds or time.perf_counter() - start
             log.info("fit: %s", report)
             eval_batch = getattr(getattr(spec.method_config, "train", None), "eval_batch_size", 16)
-            predictive = self._predict(posterior, task.test, spec, eval_batch)
-            predictive.save(tmp / "predictive.pt")
-            rows = [self._row(spec, report, predictive, spec.dataset.name, task.protocol, task.test.num_classes)]
-            for ood_name in spec.dataset.ood:
-                ood = self.data.get(backbone, ood_name, spec.data)
-                ood_pred = self._predict(posterior, ood.test, spec, eval_batch)
-                ood_pred.save(tmp / f"predictive-{ood_name}.pt")
-                row = self._row(spec, report, ood_pred, ood_name, ood.protocol, ood.test.num_classes)
-                row.update(ood_metrics(predictive.logits, ood_pred.logits))
-                rows.append(row)
+            with phase("predict"):
+                predictive = self._predict(posterior, task.test, spec, eval_batch)
+                ood_preds = {name: self._predict(posterior, ood.test, spec, eval_batch)
+                             for name, ood in ood_tasks.items()}
         finally:
             posterior.release()
+        with phase("metrics"):
+            predictive.save(tmp / "predictive.pt")
+            trunk_info = {"trunk_layer": trunk.layer if trunk else None}
+            rows = [self._row(spec, report, predictive, spec.dataset.name, task.protocol, task.test.num_classes)]
+            for name, ood_pred in ood_preds.items():
+                ood_pred.save(tmp / f"predictive-{name}.pt")
+                ood = ood_tasks[name]
+                row = self._row(spec, report, ood_pred, name, ood.protocol, ood.test.num_classes)
+                row.update(ood_metrics(predictive.logits, ood_pred.logits))
+                rows.append(row)
+            for row in rows:
+                row.update(trunk_info)
+            if trunk is not None:
+                log.info("trunk cache: %s", trunk.stats())
+        if trunk is not None:
+            with phase("trunk"):
+                trunk.save(trunk_file)
         return rows
 
     def _predict(self, posterior: Posterior, split: EncodedSplit, spec: RunSpec, batch_size: int) -> Predictive:

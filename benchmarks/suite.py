@@ -17,6 +17,7 @@ A suite YAML::
       - map
       - {name: map, label: map-wd0.1, train: {weight_decay: 0.1}}   # per-method lora/train overrides
       - {name: some_method, config: {key: value}}                    # the method's own Config
+      - {name: ensemble, seeds: [0], config: {members: 3}}           # per-method seeds
 
 Every run is keyed by a hash of its fully resolved configuration, so a finished run is found again
 and never recomputed, and any change to what determines it gives a new run.
@@ -49,6 +50,7 @@ class MethodEntry:
     config: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None
 
 
 @dataclass
@@ -71,6 +73,8 @@ class RunSpec:
     seed: int
     num_samples: int
     n_bins: int
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The suite's LoRA settings with the method's overrides (decides the trunk-cache layer)."""
 
     def resolved(self) -> dict[str, Any]:
         return {
@@ -87,8 +91,9 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         resolved = self.resolved()
-        # progress bars and the device do not change results; keep them out of the key
+        # progress bars, the device and the trunk cache do not change results; keep them out of the key
         resolved["model"].pop("device", None)
+        resolved["model"].pop("trunk_cache", None)
         cfg = resolved["method"]["config"]
         if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict):
             cfg["train"].pop("progress", None)
@@ -132,11 +137,20 @@ def _method_entry(item: Any, i: int) -> MethodEntry:
         return MethodEntry(item, item)
     if not isinstance(item, dict) or "name" not in item:
         raise ConfigError(f"methods[{i}] must be a method name or a mapping with 'name', got {item!r}")
-    unknown = set(item) - {"name", "label", "config", "lora", "train"}
+    unknown = set(item) - {"name", "label", "config", "lora", "train", "seeds"}
     if unknown:
-        raise ConfigError(f"methods[{i}] has unknown keys {sorted(unknown)}; valid: name, label, config, lora, train")
+        raise ConfigError(f"methods[{i}] has unknown keys {sorted(unknown)}; "
+                          f"valid: name, label, config, lora, train, seeds")
+    seeds = item.get("seeds")
+    if seeds is not None:
+        _check_seeds(seeds, f"methods[{i}].seeds")
     return MethodEntry(item["name"], item.get("label", item["name"]), dict(item.get("config") or {}),
-                       dict(item.get("lora") or {}), dict(item.get("train") or {}))
+                       dict(item.get("lora") or {}), dict(item.get("train") or {}), seeds)
+
+
+def _check_seeds(seeds: Any, where: str) -> None:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{where} must be a list of integers (at least one), got {seeds!r}")
 
 
 def _dataset_entry(item: Any, i: int) -> DatasetEntry:
@@ -180,8 +194,7 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     models = [build_dataclass(ModelSettings, m if isinstance(m, dict) else {"name": m}, f"models[{i}]")
               for i, m in enumerate(models)]
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+    _check_seeds(seeds, "seeds")
     num_samples = raw.get("num_samples", 10)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -194,10 +207,14 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     name = raw.get("name", default_name)
     data = {d.name: build_dataclass(DataSettings, {**(raw.get("data") or {}), **d.data}, f"datasets.{d.name}.data")
             for d in datasets}
+    loras = {m.label: build_dataclass(LoraSettings, {**(raw.get("lora") or {}), **m.lora}, f"lora ({m.label})")
+             for m in methods}
+    all_seeds = list(dict.fromkeys(seeds + [s for m in methods for s in (m.seeds or [])]))
     runs = [
         RunSpec(name, model, method, configs[method.label], dataset, data[dataset.name], seed, num_samples,
-                raw.get("n_bins", 15))
-        for model in models for dataset in datasets for seed in seeds for method in methods
+                raw.get("n_bins", 15), loras[method.label])
+        for model in models for dataset in datasets for seed in all_seeds for method in methods
+        if seed in (method.seeds or seeds)
     ]
     return Suite(name, raw, runs)
 

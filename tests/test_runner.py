@@ -14,7 +14,7 @@ import yaml
 from benchmarks.cli import main as cli_main
 from benchmarks.leaderboard import aggregate
 from benchmarks.runner import Runner
-from benchmarks.suite import load_suite, parse_suite
+from benchmarks.suite import apply_overrides, load_suite, parse_suite
 
 from .conftest import tiny_model_settings
 from .plugin_fixture import install_plugin
@@ -80,14 +80,44 @@ def test_leaderboard_cli_aggregates_over_seeds(tmp_path, capsys):
     row = board[board.eval_set == "sst2"].iloc[0]
     assert row.n_seeds == 2
     assert row.acc_mean == pytest.approx(sst.acc.mean()) and row.nll_std == pytest.approx(sst.nll.std(ddof=1))
-    assert (tmp_path / "leaderboard.md").read_text().count("| map |") == 2
+    # two metric tables (sst2, boolq) and the per-phase profile: map's 2 runs, once each
+    assert (tmp_path / "leaderboard.md").read_text().count("| map |") == 3
+    profile = pd.read_csv(tmp_path / "profile.csv").set_index("method")
+    assert profile.loc["map", "runs"] == 2 and profile.loc["all methods", "total"] > 0
     assert aggregate(df).shape[0] == 2
+
+
+def test_trunk_cache_runs_profile_and_match_the_full_forward(tmp_path, capsys):
+    suite = tiny_suite(model=tiny_model_settings("qwen2", num_hidden_layers=4), seeds=[0],
+                       lora={"r": 2, "alpha": 4, "dropout": 0.1, "layers": {"top": 2}},
+                       methods=["zero_shot", "map", "temperature", {"name": "mc_dropout"},
+                                {"name": "ensemble", "config": {"members": 2}}])
+    off, on = tmp_path / "off", tmp_path / "on"
+    Runner(parse_suite(apply_overrides(suite, ["model.trunk_cache=off"])), off).run()
+    Runner(parse_suite(suite), on).run()
+    a, b = (pd.read_csv(d / "results.csv").sort_values(["method", "eval_set"]) for d in (off, on))
+    assert a.trunk_layer.isna().all() and (b.trunk_layer == 2).all()
+    for col in ("acc", "nll", "ece", "mi"):
+        assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), abs=1e-4), col
+    assert (b.time_trunk > 0).any() and (a.time_trunk == 0).all() and (b.time_predict > 0).all()
+    assert len(list((on / "cache" / "trunk").glob("*.pt"))) == 1
+    assert cli_main(["leaderboard", str(on)]) == 0
+    assert "Where the time went" in (on / "leaderboard.md").read_text()
+    capsys.readouterr()
+    assert cli_main(["profile", str(off), str(on)]) == 0
+    table = capsys.readouterr().out
+    assert "speed-up" in table and "| trunk |" in table and "| total |" in table
 
 
 def _cli(args, env_extra=None, **kw):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "benchmarks.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finished_runs(out):
+    """metrics.json of renamed (final) run folders; `*` also matches the hidden .tmp-* folders."""
+    return [p for p in out.glob("runs/*/metrics.json") if not p.parent.name.startswith(".")]
 
 
 def test_killed_suite_resumes_without_recomputing(tmp_path):
@@ -100,11 +130,11 @@ def test_killed_suite_resumes_without_recomputing(tmp_path):
     env = {"PYTHONPATH": f"{plugin_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = _cli(["run", str(suite_path), "--out", str(out)], env, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("runs/*/metrics.json")):
+    while time.time() < deadline and not _finished_runs(out):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    finished = {p: p.stat().st_mtime_ns for p in _finished_runs(out)}
     assert 1 <= len(finished) < 3, "the kill should land mid-suite"
     again = _cli(["run", str(suite_path), "--out", str(out)], env)
     output, _ = again.communicate(timeout=300)
@@ -138,14 +168,16 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 def test_methods_cli_lists_builtins(capsys):
     assert cli_main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "map" in out and "zero_shot" in out and "mle" in out
+    for name in ("map", "zero_shot", "mle", "ensemble", "mc_dropout", "temperature"):
+        assert name in out
 
 
 def test_smoke_suite_on_smollm2(tmp_path):
     """The bundled SmolLM2-135M end to end through the shipped smoke suite (< 3 min on 2 cores)."""
     assert cli_main(["run", str(REPO / "configs/suites/smoke.yaml"), "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "results.csv")
-    assert set(df.method) == {"zero_shot", "map"} and len(df) == 4
+    assert set(df.method) == {"zero_shot", "map", "temperature", "mc_dropout", "ensemble"} and len(df) == 10
+    assert (df.trunk_layer == 28).all() and (df.time_trunk > 0).any()
     sst = df[df.eval_set == "sst2"].set_index("method")
     assert sst.loc["zero_shot", "acc"] > 0.6  # the bundled model reads sentiment zero-shot
     metrics = json.loads(next(tmp_path.glob("runs/*/metrics.json")).read_text())

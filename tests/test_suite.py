@@ -18,6 +18,25 @@ def test_expansion_and_method_overrides():
     assert suite.runs[0].dataset.name == "sst2" and suite.runs[-1].dataset.ood == ["arc_easy"]
 
 
+def test_per_method_seeds_and_lora_for_the_trunk_layer():
+    raw = {**BASE, "methods": ["map", {"name": "ensemble", "seeds": [0, 5], "config": {"members": 3},
+                                       "lora": {"layers": {"top": 2}}}]}
+    suite = parse_suite(raw)
+    seeds = {(r.method.label, r.dataset.name): [] for r in suite.runs}
+    for r in suite.runs:
+        seeds[(r.method.label, r.dataset.name)].append(r.seed)
+    assert seeds[("map", "sst2")] == [0, 1] and seeds[("ensemble", "sst2")] == [0, 5]
+    ens = next(r for r in suite.runs if r.method.label == "ensemble")
+    assert ens.lora.layers == {"top": 2} and ens.lora.r == 4 and ens.method_config.members == 3
+    with pytest.raises(ConfigError, match=r"methods\[1\].seeds"):
+        parse_suite({**BASE, "methods": ["map", {"name": "map", "label": "m2", "seeds": []}]})
+
+
+def test_trunk_cache_setting_does_not_change_run_ids():
+    off = parse_suite(apply_overrides(BASE, ["model.trunk_cache=off"]))
+    assert [r.run_id for r in off.runs] == [r.run_id for r in parse_suite(BASE).runs]
+
+
 def test_run_id_is_stable_and_tracks_config():
     a, b = parse_suite(BASE), parse_suite(BASE)
     assert [r.run_id for r in a.runs] == [r.run_id for r in b.runs]

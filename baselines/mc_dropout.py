@@ -1,0 +1,46 @@
+"""MC dropout over the LoRA branch (METHODS.md section 2).
+
+The MAP adapter (shared cache) predicts with its LoRA dropout left active: z_s(x) = z(x; theta, m_s)
+with Bernoulli masks m_s ~ Bern(1 - p) on the LoRA input, S passes. Only the LoRA dropout modules
+are switched to train mode; the frozen model stays in eval mode. Masks are drawn per row, so
+``samples_per_forward`` > 1 stacks several samples into one batched forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader
+
+from bayeslora import Predictive
+from bayeslora.predict import collect_predictive, sample_class_logits
+
+from .map_lora import AdapterConfig, MapLora
+
+
+@dataclass
+class McDropoutConfig(AdapterConfig):
+    """``p``: test-time dropout rate (None: the adapter's training rate ``lora.dropout``);
+    ``samples_per_forward``: samples stacked into one batched forward (memory for speed)."""
+
+    p: float | None = None
+    samples_per_forward: int = 1
+
+
+class McDropout(MapLora):
+    """The MAP adapter with LoRA dropout active at test time; S stochastic passes."""
+
+    name = "mc_dropout"
+    Config = McDropoutConfig
+    description = "MC dropout on the LoRA branch of the MAP adapter, S passes"
+    deterministic = False
+
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        backbone = self.require_backbone()
+        backbone.use_adapter(self.adapter_name)
+        with backbone.lora_dropout_active(self.adapter_name, self.config.p):
+            return collect_predictive(
+                backbone, loader,
+                lambda b: sample_class_logits(backbone, b, num_samples,
+                                              samples_per_forward=self.config.samples_per_forward),
+                desc=self.name)

@@ -1,0 +1,95 @@
+"""Temperature scaling of the MAP adapter (METHODS.md section 9b).
+
+T* = argmin_T  -sum_{(x,y) in val} log softmax(z(x) / T)_y, optimised over log T by L-BFGS from
+T = 1; the fitted T is kept only if it lowers the validation NLL (so it never raises it).
+Prediction: z(x) / T*. Deterministic: S = 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from bayeslora import ConfigError, FitReport, Predictive
+from bayeslora.backbone import Backbone
+from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.predict import collect_predictive
+
+from .map_lora import AdapterConfig, MapLora
+
+
+@dataclass
+class TemperatureConfig(AdapterConfig):
+    """``max_iter``: L-BFGS iterations for log T."""
+
+    max_iter: int = 100
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> tuple[float, float, float]:
+    """(T*, NLL at T=1, NLL at T*) for (N, K) logits; T* = 1 unless it lowers the NLL."""
+    logits, labels = logits.double(), labels.long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    before = F.cross_entropy(logits, labels).item()
+    temperature = float(log_t.detach().exp())
+    after = F.cross_entropy(logits / temperature, labels).item()
+    if not (after < before and torch.isfinite(torch.tensor(temperature))):
+        return 1.0, before, before
+    return temperature, before, after
+
+
+class TemperatureScaling(MapLora):
+    """MAP LoRA with one temperature fitted on the validation split."""
+
+    name = "temperature"
+    Config = TemperatureConfig
+    description = "MAP LoRA + temperature fitted by validation NLL, S=1"
+    deterministic = True
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.temperature = 1.0
+
+    def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        if val is None or len(val) == 0:
+            raise ConfigError("temperature scaling needs a validation split: set data.max_val > 0 in the suite")
+        start = time.perf_counter()
+        report = super().fit(backbone, train, val)
+        val_logits = self._map_predict(make_loader(val, self.config.train.eval_batch_size))
+        self.temperature, before, after = fit_temperature(val_logits.logits[:, 0], val_logits.labels,
+                                                          self.config.max_iter)
+        report.posterior_params = 1
+        report.fit_seconds = time.perf_counter() - start
+        report.extra.update({"temperature": self.temperature, "val_nll_map": before, "val_nll_scaled": after})
+        return report
+
+    def _map_predict(self, loader: DataLoader) -> Predictive:
+        backbone = self.require_backbone()
+        backbone.use_adapter(self.adapter_name)
+        return collect_predictive(backbone, loader, lambda b: backbone.class_logits(b)[:, None], desc=self.name)
+
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        predictive = self._map_predict(loader)
+        predictive.logits = predictive.logits / self.temperature
+        return predictive
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "temperature": self.temperature}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.temperature = float(state["temperature"])

@@ -1,0 +1,69 @@
+"""Per-phase wall-clock profile of a run (load, tokenise, trunk, train, fit, predict, ...).
+
+Phases nest; each phase is charged its *exclusive* time (time inside a nested phase is charged to
+the nested one only), so the phases of a run add up to its wall time. The active profile is held in
+a context variable: library code marks phases with ``with phase("trunk"):`` and pays nothing when
+no profile is recording.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+PHASES = ("load", "tokenise", "trunk", "train", "fit", "predict", "metrics")
+"""The phases the runner and the library report, in display order."""
+
+
+class PhaseProfile:
+    """Accumulates exclusive seconds per phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[tuple[str, float]] = []  # (phase, time the phase last resumed)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._stack:  # pause the enclosing phase
+            parent, resumed = self._stack[-1]
+            self.seconds[parent] += now - resumed
+        self._stack.append((name, now))
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            _, resumed = self._stack.pop()
+            self.seconds[name] += end - resumed
+            if self._stack:  # resume the enclosing phase
+                self._stack[-1] = (self._stack[-1][0], end)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+_ACTIVE: ContextVar[PhaseProfile | None] = ContextVar("bayeslora_profile", default=None)
+
+
+@contextlib.contextmanager
+def recording(profile: PhaseProfile) -> Iterator[PhaseProfile]:
+    """Make ``profile`` the active one inside the block."""
+    token = _ACTIVE.set(profile)
+    try:
+        yield profile
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Charge the block's time to ``name`` on the active profile (a no-op when none is recording)."""
+    profile = _ACTIVE.get()
+    if profile is None:
+        yield
+    else:
+        with profile.phase(name):
+            yield
