@@ -109,10 +109,26 @@ class Backbone:
             out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                         use_cache=False)
             return out.last_hidden_state[:, -1].float()
-        with phase("trunk"):
-            hidden = self.trunk.hidden_states(input_ids, mask, positions)
+        if "trunk_hidden" in batch:  # states fetched beforehand (see with_trunk_states)
+            hidden = batch["trunk_hidden"].to(self.device)
+        else:
+            with phase("trunk"):
+                hidden = self.trunk.hidden_states(input_ids, mask, positions)
         hidden = self.trunk.stack.run(hidden, mask, positions, self.trunk.layer, self.num_layers)
         return self.trunk.stack.final_norm(hidden[:, -1]).float()
+
+    def with_trunk_states(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch plus its cached trunk states under "trunk_hidden" (unchanged without a trunk cache).
+
+        Use it before handing a batch to function transforms (torch.func jacrev/vmap, as laplace-torch's
+        Jacobians do), inside which the cache cannot read token ids to look entries up.
+        """
+        if self.trunk is None:
+            return batch
+        mask = batch["attention_mask"].to(self.device)
+        with phase("trunk"):
+            hidden = self.trunk.hidden_states(batch["input_ids"].to(self.device), mask, position_ids_from_mask(mask))
+        return {**batch, "trunk_hidden": hidden}
 
     # ------------------------------------------------------------------ trunk cache
     def configure_trunk_cache(self, mode: str, lora: LoraSettings | None) -> TrunkCache | None:
@@ -157,13 +173,13 @@ class Backbone:
         bias = head.bias[ids].float() if getattr(head, "bias", None) is not None else None
         return head.weight[ids].float(), bias
 
-    def head_logits(self, features: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """z = W[answer_ids] h + b, with options an example lacks set to MASKED_LOGIT."""
+    def head_logits(self, features: torch.Tensor, batch: dict[str, Any], masked: bool = True) -> torch.Tensor:
+        """z = W[answer_ids] h + b, with options an example lacks set to MASKED_LOGIT (if ``masked``)."""
         weight, bias = self.head_weight(batch["answer_ids"])
         logits = features @ weight.T
         if bias is not None:
             logits = logits + bias
-        return mask_choices(logits, batch["choice_mask"].to(logits.device))
+        return mask_choices(logits, batch["choice_mask"].to(logits.device)) if masked else logits
 
     def class_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, K) float32 answer logits of the active adapter(s)."""

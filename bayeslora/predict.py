@@ -34,14 +34,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def collect_predictive(backbone: Backbone, loader: DataLoader, sample_batch: BatchSampler,
-                       desc: str = "predict", progress: bool = True) -> Predictive:
-    """Concatenate ``sample_batch`` over ``loader`` under inference mode; cost = backbone passes per example."""
+                       desc: str = "predict", progress: bool = True, inference_mode: bool = True) -> Predictive:
+    """Concatenate ``sample_batch`` over ``loader``; cost = backbone passes per example.
+
+    Runs under inference mode unless ``inference_mode`` is False (samplers that need autograd,
+    e.g. the Jacobians of a linearised predictive, then manage gradients themselves)."""
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
     start_passes = backbone.num_forward_passes
     start = time.perf_counter()
     logits, labels, ids = [], [], []
-    with torch.inference_mode(), phase("predict"):
+    with torch.inference_mode(inference_mode), phase("predict"):
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             out = sample_batch(batch)
             if out.ndim != 3 or out.shape[0] != len(batch["example_ids"]):

@@ -1,0 +1,164 @@
+"""What Laplace-LoRA and last-layer Laplace share: the bridge to laplace-torch, prior tuning,
+GLM logit samples, and the memory estimate of a Hessian structure.
+
+laplace-torch expects a model that maps a dict batch (``dict_key_x`` / ``dict_key_y``) to (B, K)
+logits and whose ``requires_grad`` parameters are the ones the posterior covers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayeslora import ConfigError, FitReport
+from bayeslora.predictive import MASKED_LOGIT
+
+from .map_lora import MapLora
+
+log = logging.getLogger(__name__)
+
+STRUCTURES = ("kron", "diag", "full")
+PRIOR_METHODS = ("marglik", "gridsearch", "none")
+
+
+@dataclass
+class LaplaceSettings:
+    """``hessian_structure``: kron (K-FAC GGN), diag or full. Prior precision lambda (scalar):
+    ``prior_method`` marglik (Adam on log lambda maximising the log marginal likelihood, ``prior_steps``
+    steps at ``prior_lr``), gridsearch (validation NLL of the GLM probit predictive over ``grid``),
+    or none (keep ``prior_precision``). ``memory_fraction``: share of free memory the posterior may use.
+    ``fit_batch_size``: batch size of the curvature pass. The default 1 keeps padding out of the K-FAC
+    input factors, which sum over every sequence position a LoRA layer sees."""
+
+    hessian_structure: str = "kron"
+    prior_precision: float = 1.0
+    prior_method: str = "marglik"
+    prior_steps: int = 100
+    prior_lr: float = 0.1
+    grid: list[float] = field(default_factory=lambda: [10.0 ** e for e in range(-4, 5)])
+    memory_fraction: float = 0.9
+    fit_batch_size: int = 1
+
+    def check(self) -> None:
+        if self.hessian_structure not in STRUCTURES:
+            raise ConfigError(f"hessian_structure must be one of {STRUCTURES}, got {self.hessian_structure!r}")
+        if self.prior_method not in PRIOR_METHODS:
+            raise ConfigError(f"prior_method must be one of {PRIOR_METHODS}, got {self.prior_method!r}")
+
+
+class LogitsModel(nn.Module):
+    """(B, K) answer logits of a dict batch for laplace-torch.
+
+    Options an example lacks get z + MASKED_LOGIT rather than a constant: their probability is still 0
+    (so they add nothing to the GGN), but their GLM variance stays positive, so the K x K predictive
+    covariance keeps a Cholesky factor.
+    """
+
+    def __init__(self, modules: nn.Module, logits: Callable[[dict[str, Any]], torch.Tensor]):
+        super().__init__()
+        self.inner = modules  # registered, so laplace-torch sees the parameters that require grad
+        self._logits = logits
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        logits = self._logits(batch)
+        if "choice_mask" in batch:
+            mask = batch["choice_mask"].to(logits.device)
+            logits = torch.where(mask, logits, logits + MASKED_LOGIT)
+        return logits
+
+
+def structure_bytes(weight_shapes: Iterable[tuple[int, ...]], structure: str, bytes_per_value: int = 4) -> int:
+    """Bytes of the curvature and posterior factors for the given weight shapes.
+
+    kron: per (out, in) weight, factors out^2 + in^2, kept twice (precision factors and their
+    eigendecomposition); diag: 2P; full: 2P^2 (precision and its Cholesky/inverse); P = parameters.
+    """
+    shapes = [tuple(s) for s in weight_shapes]
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes)
+    if structure == "kron":
+        values = sum(2 * (s[0] ** 2 + (int(torch.Size(s[1:]).numel()) if len(s) > 1 else 0) ** 2) for s in shapes)
+    elif structure == "diag":
+        values = 2 * n_params
+    elif structure == "full":
+        values = 2 * n_params**2
+    else:
+        raise ConfigError(f"hessian_structure must be one of {STRUCTURES}, got {structure!r}")
+    return values * bytes_per_value
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_memory(params: Iterable[nn.Parameter], settings: LaplaceSettings, device: torch.device) -> int:
+    """Log the estimate; a ConfigError (not an out-of-memory crash) when it does not fit."""
+    params = list(params)
+    needed = structure_bytes([p.shape for p in params], settings.hessian_structure)
+    free = free_memory_bytes(device)
+    log.info("Laplace %s over %d parameters: factors need %.3f GB (%.1f GB free on %s)", settings.hessian_structure,
+             sum(p.numel() for p in params), needed / 1e9, free / 1e9, device)
+    if needed > settings.memory_fraction * free:
+        cheaper = [s for s in STRUCTURES if structure_bytes([p.shape for p in params], s) < needed]
+        raise ConfigError(f"Laplace hessian_structure={settings.hessian_structure!r} needs {needed / 1e9:.1f} GB but "
+                          f"only {free / 1e9:.1f} GB is free on {device}; use one of {cheaper} or fewer LoRA layers")
+    return needed
+
+
+def build_laplace(model: nn.Module, settings: LaplaceSettings, dict_key_x: str = "input_ids") -> Any:
+    """laplace-torch over the parameters of ``model`` that require grad (dict batches, CE likelihood)."""
+    from laplace import Laplace
+
+    return Laplace(model, "classification", subset_of_weights="all", hessian_structure=settings.hessian_structure,
+                   prior_precision=settings.prior_precision, dict_key_x=dict_key_x, dict_key_y="labels")
+
+
+def tune_prior(la: Any, settings: LaplaceSettings, val_loader: Any | None) -> dict[str, float]:
+    """Tune the scalar prior precision; returns the log marginal likelihood before and after."""
+    before = float(la.log_marginal_likelihood())
+    if settings.prior_method == "marglik":
+        la.optimize_prior_precision(method="marglik", pred_type="glm", n_steps=settings.prior_steps,
+                                    lr=settings.prior_lr, init_prior_prec=settings.prior_precision)
+    elif settings.prior_method == "gridsearch":
+        if val_loader is None:
+            raise ConfigError("prior_method: gridsearch needs a validation split (data.max_val > 0)")
+        la.optimize_prior_precision(method="gridsearch", pred_type="glm", link_approx="probit",
+                                    val_loader=val_loader, prior_structure="scalar",
+                                    log_prior_prec_min=min(torch.tensor(settings.grid).log10()).item(),
+                                    log_prior_prec_max=max(torch.tensor(settings.grid).log10()).item(),
+                                    grid_size=len(settings.grid), progress_bar=False)
+    return {"log_marglik_init": before, "log_marglik": float(la.log_marginal_likelihood()),
+            "prior_precision": float(la.prior_precision.mean())}
+
+
+def glm_logit_samples(la: Any, batch: dict[str, Any], num_samples: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, S, K) samples f_s ~ N(f(x; theta_MAP), J Sigma J^T) from laplace-torch's GLM predictive."""
+    samples = la.functional_samples(batch, pred_type="glm", n_samples=num_samples, generator=generator)
+    return samples.permute(1, 0, 2).float()
+
+
+class LaplacePosterior(MapLora):
+    """What both Laplace methods share: a MAP adapter (cached), settings checked up front, the fitted
+    laplace-torch object in ``self.la``, and one way to report the fit."""
+
+    deterministic = False
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.config.check()
+        self.la: Any = None
+
+    def finish_report(self, report: FitReport, seconds: float, params: Iterable[nn.Parameter], factor_bytes: int,
+                      tuned: dict[str, float]) -> FitReport:
+        report.fit_seconds = seconds
+        report.posterior_params = sum(p.numel() for p in params)
+        report.extra.update({**tuned, "factor_bytes": factor_bytes, "hessian_structure": self.config.hessian_structure})
+        return report

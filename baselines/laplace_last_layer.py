@@ -1,0 +1,122 @@
+"""Last-layer Laplace: laplace-torch on the K answer rows of the LM head only (METHODS.md section 7).
+
+The MAP adapter's features phi(x) (last-position hidden state after the final norm) are computed
+once per example; the head z = W phi + b (W: the K answer-token rows of the LM head, initialised at
+their pretrained values) gets p(W | D) ~= N(W, (H + lambda I)^-1) with H the GGN of the CE loss
+(full by default: K x H parameters), lambda by log marginal likelihood. Prediction runs the backbone
+once per example and draws S logit samples of the GLM predictive f ~ N(W phi, J Sigma J^T).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bayeslora import ConfigError, FitReport, Predictive
+from bayeslora.backbone import Backbone
+from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.predict import collect_predictive
+
+from .laplace_common import (
+    LaplacePosterior,
+    LaplaceSettings,
+    LogitsModel,
+    build_laplace,
+    check_memory,
+    glm_logit_samples,
+    tune_prior,
+)
+from .map_lora import AdapterConfig
+
+
+class AnswerHead(nn.Module):
+    """z = W phi + b over the K answer rows, for batches {"features": (B, H), ...}."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        logits = batch["features"].to(self.weight.device) @ self.weight.T
+        return logits + self.bias if self.bias is not None else logits
+
+
+@dataclass
+class LastLayerLaplaceConfig(LaplaceSettings, AdapterConfig):
+    """As Laplace-LoRA; the head is small, so the default Hessian is full."""
+
+    hessian_structure: str = "full"
+
+
+class LastLayerLaplace(LaplacePosterior):
+    """Laplace over the answer rows of the LM head on top of the MAP adapter; one backbone pass, S samples."""
+
+    name = "laplace_last_layer"
+    Config = LastLayerLaplaceConfig
+    description = "last-layer Laplace on the K answer rows (laplace-torch, GLM), one backbone pass, S samples"
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.head: AnswerHead | None = None
+        self.answer_ids: torch.Tensor | None = None
+
+    def _feature_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        with torch.no_grad():
+            features = self.require_backbone().features(batch)
+        return {"features": features, "labels": batch["labels"], "choice_mask": batch["choice_mask"]}
+
+    def _check_answers(self, batch: dict[str, Any]) -> None:
+        if not torch.equal(batch["answer_ids"].cpu(), self.answer_ids):
+            raise ConfigError("laplace_last_layer covers the answer rows it was fitted on "
+                              f"({self.answer_ids.tolist()}); this set uses {batch['answer_ids'].tolist()}. "
+                              "Evaluate it on sets with the same answer tokens.")
+
+    def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        start = time.perf_counter()
+        report = super().fit(backbone, train, val)
+        backbone.use_adapter(self.adapter_name)
+        batch_size = self.config.train.eval_batch_size
+        self.answer_ids = next(iter(make_loader(train, batch_size)))["answer_ids"].cpu()
+        self.head = AnswerHead(*backbone.head_weight(self.answer_ids))
+        factor_bytes = check_memory(self.head.parameters(), self.config, backbone.device)
+        self.la = build_laplace(LogitsModel(self.head, self.head.forward), self.config, dict_key_x="features")
+        self.la.fit(self._feature_loader(train, batch_size))
+        tuned = tune_prior(self.la, self.config, self._feature_loader(val, batch_size) if val is not None else None)
+        return self.finish_report(report, time.perf_counter() - start, self.head.parameters(), factor_bytes, tuned)
+
+    def _feature_loader(self, split: EncodedSplit, batch_size: int) -> DataLoader:
+        """Batches {"features", "labels", "choice_mask"}: the backbone runs once per example."""
+        rows = [{"features": f, "labels": y, "choice_mask": m}
+                for b in map(self._feature_batch, make_loader(split, batch_size))
+                for f, y, m in zip(b["features"], b["labels"], b["choice_mask"], strict=True)]
+        return DataLoader(rows, batch_size=batch_size)
+
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        backbone = self.require_backbone()
+        backbone.use_adapter(self.adapter_name)
+        generator = torch.Generator(backbone.device).manual_seed(self.seed)
+
+        def sample(batch: dict[str, Any]) -> torch.Tensor:
+            self._check_answers(batch)
+            return glm_logit_samples(self.la, self._feature_batch(batch), num_samples, generator)
+
+        return collect_predictive(backbone, loader, sample, desc=self.name, inference_mode=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "head": self.head.state_dict(), "answer_ids": self.answer_ids,
+                "laplace": self.la.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.answer_ids = state["answer_ids"]
+        weight, bias = self.require_backbone().head_weight(self.answer_ids)
+        self.head = AnswerHead(weight, bias)
+        self.head.load_state_dict(state["head"])
+        self.la = build_laplace(LogitsModel(self.head, self.head.forward), self.config, dict_key_x="features")
+        self.la.load_state_dict(state["laplace"])

@@ -1,0 +1,112 @@
+"""Laplace-LoRA through laplace-torch: our predictive is laplace-torch's own, reloads, tunes the prior."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.laplace_common import LaplaceSettings, check_memory, glm_logit_samples, structure_bytes
+from bayeslora import ConfigError, get_method
+from bayeslora.config import LoraSettings, TrainSettings
+from bayeslora.data import make_loader
+
+CONFIG = {"lora": LoraSettings(r=2, alpha=4, dropout=0.0, layers=[1]),
+          "train": TrainSettings(epochs=2, lr=1e-2, batch_size=8, progress=False, warmup_ratio=0.0),
+          "prior_steps": 30}
+
+
+@pytest.fixture()
+def fitted(tiny_backbone, toy_splits):
+    train, val, test = toy_splits
+    post = get_method("laplace_lora")(CONFIG, seed=0)
+    report = post.fit(tiny_backbone, train, val)
+    return post, report, test
+
+
+def test_predictive_equals_laplace_torch_glm(fitted):
+    post, _, test = fitted
+    loader = make_loader(test, 4)
+    pred = post.predict(loader, 7)
+    assert pred.logits.shape == (len(test), 7, 2)
+    # the method's samples are glm_logit_samples drawn with a generator seeded by the method's seed
+    generator = torch.Generator().manual_seed(post.seed)
+    torch.testing.assert_close(pred.logits, torch.cat([glm_logit_samples(post.la, b, 7, generator) for b in loader]))
+    # ... and their softmax mean is laplace-torch's own MC GLM predictive. laplace-torch's __call__ does
+    # not pass `generator` on to its sampler, so both draw from the same seeded global RNG here.
+    for i, batch in enumerate(loader):
+        torch.manual_seed(100 + i)
+        ours = glm_logit_samples(post.la, batch, 7).softmax(-1).mean(1)
+        torch.manual_seed(100 + i)
+        theirs = post.la(batch, pred_type="glm", link_approx="mc", n_samples=7)
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-6, rtol=1e-6)
+    # the GLM is centred on the MAP logits: the probit mean ranks classes as MAP does
+    map_post = get_method("map")({k: CONFIG[k] for k in ("lora", "train")}, seed=0).attach(post.backbone)
+    map_post.load_state_dict({"adapter": post.state_dict()["adapter"]})
+    probit = torch.cat([post.la(b, pred_type="glm", link_approx="probit") for b in loader])
+    assert probit.argmax(-1).tolist() == map_post.predict(loader, 1).logits[:, 0].argmax(-1).tolist()
+
+
+def test_prior_optimisation_increases_log_marginal_likelihood(fitted):
+    _, report, _ = fitted
+    assert report.extra["log_marglik"] > report.extra["log_marglik_init"]
+    assert report.extra["prior_precision"] != pytest.approx(1.0)
+    assert report.posterior_params > 0 and report.extra["factor_bytes"] > 0
+
+
+def test_saved_and_reloaded_posterior_predicts_the_same(fitted, tiny_backbone):
+    post, _, test = fitted
+    expected = post.predict(make_loader(test, 4), 5).logits
+    state = post.state_dict()
+    post.release()
+    again = get_method("laplace_lora")(CONFIG, seed=0).attach(tiny_backbone)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.predict(make_loader(test, 4), 5).logits, expected)
+
+
+def test_kfac_for_qwen25_7b_lora_fits_on_80gb_and_full_does_not():
+    hidden, kv, layers, r = 3584, 512, 28, 8  # Qwen2.5-7B, LoRA r=8 on q_proj and v_proj
+    shapes = [s for _ in range(layers) for s in ((r, hidden), (hidden, r), (r, hidden), (kv, r))]
+    kron = structure_bytes(shapes, "kron")
+    assert kron == 4 * 2 * layers * (3 * (r**2 + hidden**2) + r**2 + kv**2)  # bytes * (factors + eigenbases)
+    assert kron < 80e9 - 16e9  # next to the bf16 model
+    assert structure_bytes(shapes, "full") > 1e12
+    params = [nn.Parameter(torch.empty(s, device="meta")) for s in shapes]
+    with pytest.raises(ConfigError, match="kron"):
+        check_memory(params, LaplaceSettings(hessian_structure="full"), torch.device("cpu"))
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match="hessian_structure"):
+        get_method("laplace_lora")({"hessian_structure": "block"})
+    with pytest.raises(ConfigError, match="prior_method"):
+        get_method("laplace_lora")({"prior_method": "magic"})
+
+
+def test_last_layer_laplace_one_backbone_pass_matches_laplace_torch_and_reloads(tiny_backbone, toy_splits):
+    train, val, test = toy_splits
+    post = get_method("laplace_last_layer")(CONFIG, seed=0)
+    report = post.fit(tiny_backbone, train, val)
+    assert report.posterior_params == 2 * tiny_backbone.hidden_size
+    assert report.extra["log_marglik"] > report.extra["log_marglik_init"]
+    loader = make_loader(test, 4)
+    passes = tiny_backbone.num_forward_passes
+    pred = post.predict(loader, 6)
+    assert pred.logits.shape == (len(test), 6, 2) and pred.cost.forward_passes == 1
+    assert tiny_backbone.num_forward_passes - passes == len(test)  # S samples, one backbone pass each example
+    assert pred.logits.std(1).min() > 0
+    for i, batch in enumerate(loader):
+        features = post._feature_batch(batch)
+        torch.manual_seed(i)
+        ours = glm_logit_samples(post.la, features, 6).softmax(-1).mean(1)
+        torch.manual_seed(i)
+        theirs = post.la(features, pred_type="glm", link_approx="mc", n_samples=6)
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-6, rtol=1e-6)
+    state = post.state_dict()
+    post.release()
+    again = get_method("laplace_last_layer")(CONFIG, seed=0).attach(tiny_backbone)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.predict(loader, 6).logits, pred.logits)
+    other = dict(next(iter(loader)), answer_ids=torch.tensor([1, 2]))
+    with pytest.raises(ConfigError, match="same answer tokens"):
+        again.predict([other], 2)
