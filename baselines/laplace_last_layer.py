@@ -35,16 +35,20 @@ from .map_lora import AdapterConfig
 
 
 class AnswerHead(nn.Module):
-    """z = W phi + b over the K answer rows, for batches {"features": (B, H), ...}."""
+    """z = W phi + b over the K answer rows, for batches {"features": (B, H), ...}; an nn.Linear, so
+    every Hessian structure of laplace-torch (K-FAC included) applies."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            if bias is not None:
+                self.linear.bias.copy_(bias)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        logits = batch["features"].to(self.weight.device) @ self.weight.T
-        return logits + self.bias if self.bias is not None else logits
+        return self.linear(batch["features"].to(self.linear.weight.device))
 
 
 @dataclass

@@ -9,7 +9,9 @@ the (N, S, K) output holds S logit samples of it, drawn by laplace-torch.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,19 @@ from .laplace_common import (
     tune_prior,
 )
 from .map_lora import AdapterConfig
+
+
+@contextlib.contextmanager
+def eager_attention_if(backbone: Backbone, needed: bool) -> Iterator[None]:
+    """The full GGN needs forward-mode AD, which PyTorch's fused SDPA kernels lack: use eager attention."""
+    previous = backbone.lm.config._attn_implementation
+    if needed and previous != "eager":
+        backbone.lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if needed and previous != "eager":
+            backbone.lm.set_attn_implementation(previous)
 
 
 @dataclass
@@ -57,7 +72,8 @@ class LaplaceLora(LaplacePosterior):
         params = backbone.lora_parameters(self.adapter_name)
         factor_bytes = check_memory(params.values(), self.config, backbone.device)
         self.la = self._laplace()
-        self.la.fit(make_loader(train, self.config.fit_batch_size))
+        with eager_attention_if(backbone, self.config.hessian_structure == "full"):
+            self.la.fit(make_loader(train, self.config.fit_batch_size))
         val_loader = make_loader(val, self.config.train.eval_batch_size) if val is not None else None
         tuned = tune_prior(self.la, self.config, val_loader)
         return self.finish_report(report, time.perf_counter() - start, params.values(), factor_bytes, tuned)

@@ -110,3 +110,18 @@ def test_last_layer_laplace_one_backbone_pass_matches_laplace_torch_and_reloads(
     other = dict(next(iter(loader)), answer_ids=torch.tensor([1, 2]))
     with pytest.raises(ConfigError, match="same answer tokens"):
         again.predict([other], 2)
+
+
+@pytest.mark.parametrize("method", ["laplace_lora", "laplace_last_layer"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_every_structure_with_validation_grid_search(method, structure, tiny_backbone, toy_splits):
+    train, val, test = toy_splits
+    grid = [0.01, 1.0, 100.0]
+    post = get_method(method)({**CONFIG, "hessian_structure": structure, "prior_method": "gridsearch",
+                               "grid": grid}, seed=0)
+    report = post.fit(tiny_backbone, train, val)
+    assert report.extra["prior_precision"] == pytest.approx(min(grid, key=lambda g: abs(g - report.extra[
+        "prior_precision"])), rel=1e-4)
+    pred = post.predict(make_loader(test, 6), 3)
+    assert pred.logits.shape == (len(test), 3, 2) and torch.isfinite(pred.logits).all()
+    assert tiny_backbone.lm.config._attn_implementation != "eager"  # full switches it only while fitting
