@@ -1,5 +1,5 @@
 """What Laplace-LoRA and last-layer Laplace share: the bridge to laplace-torch, prior tuning,
-GLM logit samples, and the memory estimate of a Hessian structure.
+GLM logit samples, the memory estimate of a Hessian structure, and the fit/predict flow.
 
 laplace-torch expects a model that maps a dict batch (``dict_key_x`` / ``dict_key_y``) to (B, K)
 logits and whose ``requires_grad`` parameters are the ones the posterior covers.
@@ -7,16 +7,22 @@ logits and whose ``requires_grad`` parameters are the ones the posterior covers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport
+from bayeslora import ConfigError, FitReport, Predictive
+from bayeslora.backbone import Backbone
+from bayeslora.data import EncodedSplit
+from bayeslora.predict import collect_predictive
 from bayeslora.predictive import MASKED_LOGIT
 
 from .map_lora import MapLora
@@ -146,19 +152,69 @@ def glm_logit_samples(la: Any, batch: dict[str, Any], num_samples: int,
 
 
 class LaplacePosterior(MapLora):
-    """What both Laplace methods share: a MAP adapter (cached), settings checked up front, the fitted
-    laplace-torch object in ``self.la``, and one way to report the fit."""
+    """The one fit -> tune -> predict flow of both Laplace methods, on the (cached) MAP adapter.
+
+    fit: MAP adapter -> memory check of ``laplace_model``'s trainable parameters -> laplace-torch
+    curvature over ``curvature_loader`` -> prior precision tuned on ``validation_loader``.
+    predict: S GLM logit samples per example of ``glm_inputs(batch)``. Subclasses say what the
+    posterior covers by implementing those four hooks.
+    """
 
     deterministic = False
+    dict_key_x: str = "input_ids"
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.config.check()
         self.la: Any = None
 
-    def finish_report(self, report: FitReport, seconds: float, params: Iterable[nn.Parameter], factor_bytes: int,
-                      tuned: dict[str, float]) -> FitReport:
-        report.fit_seconds = seconds
+    # ------------------------------------------------------------------ hooks
+    def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
+        """The dict-batch -> (B, K) logits model whose requires_grad parameters the posterior covers."""
+        raise NotImplementedError
+
+    def curvature_loader(self, train: EncodedSplit) -> DataLoader:
+        raise NotImplementedError
+
+    def validation_loader(self, val: EncodedSplit) -> DataLoader:
+        raise NotImplementedError
+
+    def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return batch
+
+    def curvature_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the flow
+    def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        start = time.perf_counter()
+        report = super().fit(backbone, train, val)
+        backbone.use_adapter(self.adapter_name)  # only this adapter's LoRA parameters require grad
+        model = self.laplace_model(train)
+        params = [p for p in model.parameters() if p.requires_grad]
+        factor_bytes = check_memory(params, self.config, backbone.device)
+        self.la = build_laplace(model, self.config, self.dict_key_x)
+        with self.curvature_context():
+            self.la.fit(self.curvature_loader(train))
+        tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
+        report.fit_seconds = time.perf_counter() - start
         report.posterior_params = sum(p.numel() for p in params)
         report.extra.update({**tuned, "factor_bytes": factor_bytes, "hessian_structure": self.config.hessian_structure})
         return report
+
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        backbone = self.require_backbone()
+        backbone.use_adapter(self.adapter_name)
+        generator = torch.Generator(backbone.device).manual_seed(self.seed)
+        return collect_predictive(
+            backbone, loader, lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator),
+            desc=self.name, inference_mode=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "laplace": self.la.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.require_backbone().use_adapter(self.adapter_name)
+        self.la = build_laplace(self.laplace_model(None), self.config, self.dict_key_x)
+        self.la.load_state_dict(state["laplace"])

@@ -9,7 +9,6 @@ once per example and draws S logit samples of the GLM predictive f ~ N(W phi, J 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,20 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive
-from bayeslora.backbone import Backbone
+from bayeslora import ConfigError
 from bayeslora.data import EncodedSplit, make_loader
-from bayeslora.predict import collect_predictive
 
-from .laplace_common import (
-    LaplacePosterior,
-    LaplaceSettings,
-    LogitsModel,
-    build_laplace,
-    check_memory,
-    glm_logit_samples,
-    tune_prior,
-)
+from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
 from .map_lora import AdapterConfig
 
 
@@ -62,6 +51,7 @@ class LastLayerLaplace(LaplacePosterior):
     """Laplace over the answer rows of the LM head on top of the MAP adapter; one backbone pass, S samples."""
 
     name = "laplace_last_layer"
+    dict_key_x = "features"
     Config = LastLayerLaplaceConfig
     description = "last-layer Laplace on the K answer rows (laplace-torch, GLM), one backbone pass, S samples"
 
@@ -75,52 +65,39 @@ class LastLayerLaplace(LaplacePosterior):
             features = self.require_backbone().features(batch)
         return {"features": features, "labels": batch["labels"], "choice_mask": batch["choice_mask"]}
 
-    def _check_answers(self, batch: dict[str, Any]) -> None:
-        if not torch.equal(batch["answer_ids"].cpu(), self.answer_ids):
-            raise ConfigError("laplace_last_layer covers the answer rows it was fitted on "
-                              f"({self.answer_ids.tolist()}); this set uses {batch['answer_ids'].tolist()}. "
-                              "Evaluate it on sets with the same answer tokens.")
-
-    def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        start = time.perf_counter()
-        report = super().fit(backbone, train, val)
-        backbone.use_adapter(self.adapter_name)
-        batch_size = self.config.train.eval_batch_size
-        self.answer_ids = next(iter(make_loader(train, batch_size)))["answer_ids"].cpu()
-        self.head = AnswerHead(*backbone.head_weight(self.answer_ids))
-        factor_bytes = check_memory(self.head.parameters(), self.config, backbone.device)
-        self.la = build_laplace(LogitsModel(self.head, self.head.forward), self.config, dict_key_x="features")
-        self.la.fit(self._feature_loader(train, batch_size))
-        tuned = tune_prior(self.la, self.config, self._feature_loader(val, batch_size) if val is not None else None)
-        return self.finish_report(report, time.perf_counter() - start, self.head.parameters(), factor_bytes, tuned)
-
-    def _feature_loader(self, split: EncodedSplit, batch_size: int) -> DataLoader:
+    def _feature_loader(self, split: EncodedSplit) -> DataLoader:
         """Batches {"features", "labels", "choice_mask"}: the backbone runs once per example."""
+        batch_size = self.config.train.eval_batch_size
         rows = [{"features": f, "labels": y, "choice_mask": m}
                 for b in map(self._feature_batch, make_loader(split, batch_size))
                 for f, y, m in zip(b["features"], b["labels"], b["choice_mask"], strict=True)]
         return DataLoader(rows, batch_size=batch_size)
 
-    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
-        backbone = self.require_backbone()
-        backbone.use_adapter(self.adapter_name)
-        generator = torch.Generator(backbone.device).manual_seed(self.seed)
+    def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
+        """A fresh head on the answer rows of ``train`` (at fit), or on the rows saved with the state."""
+        if train is not None:
+            self.answer_ids = next(iter(make_loader(train, 1)))["answer_ids"].cpu()
+            self.head = AnswerHead(*self.require_backbone().head_weight(self.answer_ids))
+        return LogitsModel(self.head, self.head.forward)
 
-        def sample(batch: dict[str, Any]) -> torch.Tensor:
-            self._check_answers(batch)
-            return glm_logit_samples(self.la, self._feature_batch(batch), num_samples, generator)
+    def curvature_loader(self, train: EncodedSplit) -> DataLoader:
+        return self._feature_loader(train)
 
-        return collect_predictive(backbone, loader, sample, desc=self.name, inference_mode=False)
+    def validation_loader(self, val: EncodedSplit) -> DataLoader:
+        return self._feature_loader(val)
+
+    def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if not torch.equal(batch["answer_ids"].cpu(), self.answer_ids):
+            raise ConfigError("laplace_last_layer covers the answer rows it was fitted on "
+                              f"({self.answer_ids.tolist()}); this set uses {batch['answer_ids'].tolist()}. "
+                              "Evaluate it on sets with the same answer tokens.")
+        return self._feature_batch(batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "head": self.head.state_dict(), "answer_ids": self.answer_ids,
-                "laplace": self.la.state_dict()}
+        return {**super().state_dict(), "head": self.head.state_dict(), "answer_ids": self.answer_ids}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         self.answer_ids = state["answer_ids"]
-        weight, bias = self.require_backbone().head_weight(self.answer_ids)
-        self.head = AnswerHead(weight, bias)
+        self.head = AnswerHead(*self.require_backbone().head_weight(self.answer_ids))
         self.head.load_state_dict(state["head"])
-        self.la = build_laplace(LogitsModel(self.head, self.head.forward), self.config, dict_key_x="features")
-        self.la.load_state_dict(state["laplace"])
+        super().load_state_dict(state)

@@ -10,28 +10,17 @@ the (N, S, K) output holds S logit samples of it, drawn by laplace-torch.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import FitReport, Predictive
 from bayeslora.backbone import Backbone
 from bayeslora.data import EncodedSplit, make_loader
-from bayeslora.predict import collect_predictive
 
-from .laplace_common import (
-    LaplacePosterior,
-    LaplaceSettings,
-    LogitsModel,
-    build_laplace,
-    check_memory,
-    glm_logit_samples,
-    tune_prior,
-)
+from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
 from .map_lora import AdapterConfig
 
 
@@ -60,37 +49,19 @@ class LaplaceLora(LaplacePosterior):
     Config = LaplaceLoraConfig
     description = "Laplace-LoRA (laplace-torch, K-FAC GGN, marglik prior, GLM predictive), S samples"
 
-    def _laplace(self) -> Any:
+    def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
         backbone = self.require_backbone()
-        backbone.use_adapter(self.adapter_name)  # only this adapter's LoRA parameters require grad
-        model = LogitsModel(backbone.lm, lambda b: backbone.head_logits(backbone.features(b), b, masked=False))
-        return build_laplace(model, self.config)
+        return LogitsModel(backbone.lm, lambda b: backbone.head_logits(backbone.features(b), b, masked=False))
 
-    def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        start = time.perf_counter()
-        report = super().fit(backbone, train, val)
-        params = backbone.lora_parameters(self.adapter_name)
-        factor_bytes = check_memory(params.values(), self.config, backbone.device)
-        self.la = self._laplace()
-        with eager_attention_if(backbone, self.config.hessian_structure == "full"):
-            self.la.fit(make_loader(train, self.config.fit_batch_size))
-        val_loader = make_loader(val, self.config.train.eval_batch_size) if val is not None else None
-        tuned = tune_prior(self.la, self.config, val_loader)
-        return self.finish_report(report, time.perf_counter() - start, params.values(), factor_bytes, tuned)
+    def curvature_loader(self, train: EncodedSplit) -> DataLoader:
+        return make_loader(train, self.config.fit_batch_size)
 
-    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
-        backbone = self.require_backbone()
-        backbone.use_adapter(self.adapter_name)
-        generator = torch.Generator(backbone.device).manual_seed(self.seed)
-        return collect_predictive(
-            backbone, loader,
-            lambda b: glm_logit_samples(self.la, backbone.with_trunk_states(b), num_samples, generator),
-            desc=self.name, inference_mode=False)
+    def validation_loader(self, val: EncodedSplit) -> DataLoader:
+        return make_loader(val, self.config.train.eval_batch_size)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "laplace": self.la.state_dict()}
+    def curvature_context(self) -> contextlib.AbstractContextManager[Any]:
+        return eager_attention_if(self.require_backbone(), self.config.hessian_structure == "full")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.la = self._laplace()
-        self.la.load_state_dict(state["laplace"])
+    def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # laplace-torch's Jacobians run under torch.func, where the trunk cache cannot look entries up
+        return self.require_backbone().with_trunk_states(batch)
