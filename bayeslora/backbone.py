@@ -112,8 +112,7 @@ class Backbone:
         if "trunk_hidden" in batch:  # states fetched beforehand (see with_trunk_states)
             hidden = batch["trunk_hidden"].to(self.device)
         else:
-            with phase("trunk"):
-                hidden = self.trunk.hidden_states(input_ids, mask, positions)
+            hidden = self._trunk_states(input_ids, mask, positions)
         hidden = self.trunk.stack.run(hidden, mask, positions, self.trunk.layer, self.num_layers)
         return self.trunk.stack.final_norm(hidden[:, -1]).float()
 
@@ -126,9 +125,12 @@ class Backbone:
         if self.trunk is None:
             return batch
         mask = batch["attention_mask"].to(self.device)
-        with phase("trunk"):
-            hidden = self.trunk.hidden_states(batch["input_ids"].to(self.device), mask, position_ids_from_mask(mask))
+        hidden = self._trunk_states(batch["input_ids"].to(self.device), mask, position_ids_from_mask(mask))
         return {**batch, "trunk_hidden": hidden}
+
+    def _trunk_states(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with phase("trunk"):
+            return self.trunk.hidden_states(input_ids, mask, positions)
 
     # ------------------------------------------------------------------ trunk cache
     def configure_trunk_cache(self, mode: str, lora: LoraSettings | None) -> TrunkCache | None:

@@ -121,7 +121,8 @@ class TrunkCache:
         self.hits += len(keys) - len(missing)
         fresh: dict[int, torch.Tensor] = {}
         if missing:
-            fresh = self._compute(input_ids[missing], attention_mask[missing], position_ids[missing], missing)
+            fresh = self._compute(input_ids[missing], attention_mask[missing], position_ids[missing],
+                                  {row: keys[row] for row in missing})
         first = fresh[missing[0]] if missing else self.entries[keys[0]]
         out = torch.zeros(*input_ids.shape, first.shape[-1], dtype=first.dtype, device=input_ids.device)
         for i, k in enumerate(keys):
@@ -129,18 +130,18 @@ class TrunkCache:
         return out
 
     def _compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 rows: list[int]) -> dict[int, torch.Tensor]:
+                 keys: dict[int, str]) -> dict[int, torch.Tensor]:
+        """Run the trunk on the missing rows; ``keys`` maps each row of the full batch to its entry key."""
         # normal (not inference-mode) tensors, so cached states can later feed a training step
         with torch.inference_mode(False), torch.no_grad():
             hidden = self.stack.run(self.stack.embed(input_ids.clone()), attention_mask.clone(),
                                     position_ids.clone(), 0, self.layer)
-        self.computed += len(rows)
+        self.computed += len(keys)
         real = attention_mask.bool()
         fresh = {}
-        for j, row in enumerate(rows):
-            state = hidden[j][real[j]].detach()
-            fresh[row] = state
-            self._store(self.key(input_ids[j][real[j]]), state)
+        for j, (row, key) in enumerate(keys.items()):
+            fresh[row] = hidden[j][real[j]].detach()
+            self._store(key, fresh[row])
         return fresh
 
     def _store(self, key: str, state: torch.Tensor) -> None:
