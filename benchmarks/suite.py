@@ -179,6 +179,13 @@ def _method_config(entry: MethodEntry, raw: dict[str, Any]) -> Any:
     return cls.make_config(values)
 
 
+def _run_lora(method_config: Any, raw: dict[str, Any]) -> LoraSettings:
+    """The LoRA settings a run's adapters use: the method's own (suite + method overrides + its config),
+    or the suite's for methods without adapters (they only decide where the trunk cache stops)."""
+    own = getattr(method_config, "lora", None)
+    return own if isinstance(own, LoraSettings) else build_dataclass(LoraSettings, raw.get("lora") or {}, "lora")
+
+
 def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     if not isinstance(raw, dict):
         raise ConfigError("a suite file must be a YAML mapping (see configs/suites/smoke.yaml)")
@@ -207,8 +214,7 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     name = raw.get("name", default_name)
     data = {d.name: build_dataclass(DataSettings, {**(raw.get("data") or {}), **d.data}, f"datasets.{d.name}.data")
             for d in datasets}
-    loras = {m.label: build_dataclass(LoraSettings, {**(raw.get("lora") or {}), **m.lora}, f"lora ({m.label})")
-             for m in methods}
+    loras = {m.label: _run_lora(configs[m.label], raw) for m in methods}
     all_seeds = list(dict.fromkeys(seeds + [s for m in methods for s in (m.seeds or [])]))
     runs = [
         RunSpec(name, model, method, configs[method.label], dataset, data[dataset.name], seed, num_samples,

@@ -28,6 +28,10 @@ def test_per_method_seeds_and_lora_for_the_trunk_layer():
     assert seeds[("map", "sst2")] == [0, 1] and seeds[("ensemble", "sst2")] == [0, 5]
     ens = next(r for r in suite.runs if r.method.label == "ensemble")
     assert ens.lora.layers == {"top": 2} and ens.lora.r == 4 and ens.method_config.members == 3
+    # a method's own config overrides the suite's lora too; the trunk layer must follow what it trains
+    own = parse_suite({**BASE, "methods": [{"name": "map", "config": {"lora": {"layers": {"top": 2}}}}, "zero_shot"]})
+    by_label = {r.method.label: r.lora for r in own.runs}
+    assert by_label["map"].layers == {"top": 2} and by_label["zero_shot"].r == 4
     with pytest.raises(ConfigError, match=r"methods\[1\].seeds"):
         parse_suite({**BASE, "methods": ["map", {"name": "map", "label": "m2", "seeds": []}]})
 
