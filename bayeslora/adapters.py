@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .artifacts import ArtifactStore
 from .backbone import Backbone
-from .config import LoraSettings, TrainSettings, to_plain
+from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain
 from .data import EncodedSplit, make_loader
 from .training import TrainingHooks, TrainResult, train
 
@@ -76,7 +76,8 @@ def map_adapter_key(backbone: Backbone, lora: LoraSettings, settings: TrainSetti
     train_cfg = {k: v for k, v in to_plain(settings).items() if k not in ("progress", "eval_batch_size")}
     return {
         "model": backbone.model_id,
-        "model_settings": {k: v for k, v in to_plain(backbone.settings).items() if k not in ("device", "trunk_cache")},
+        "model_settings": {k: v for k, v in to_plain(backbone.settings).items()
+                           if k not in RESULT_NEUTRAL_MODEL_FIELDS},
         "lora": to_plain(lora),
         "train": train_cfg,
         "train_data": train_split.fingerprint,

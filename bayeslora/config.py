@@ -37,6 +37,11 @@ class ModelSettings:
     trunk_cache: str = "auto"
 
 
+RESULT_NEUTRAL_MODEL_FIELDS = ("device", "trunk_cache")
+"""ModelSettings fields that change how a model runs, not what it computes: kept out of run ids and
+artifact keys, so switching them reuses finished runs and cached adapters."""
+
+
 @dataclass
 class LoraSettings:
     """LoRA on ``target_modules`` (peft). ``layers``: None (all), a list of indices, or {"top": N}."""

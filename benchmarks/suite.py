@@ -35,7 +35,15 @@ import yaml
 
 from bayeslora import ConfigError, get_method
 from bayeslora.artifacts import content_hash
-from bayeslora.config import DataSettings, LoraSettings, ModelSettings, TrainSettings, build_dataclass, to_plain
+from bayeslora.config import (
+    RESULT_NEUTRAL_MODEL_FIELDS,
+    DataSettings,
+    LoraSettings,
+    ModelSettings,
+    TrainSettings,
+    build_dataclass,
+    to_plain,
+)
 from bayeslora.data import get_task
 
 SUITE_KEYS = {"name", "description", "num_samples", "seeds", "model", "models", "lora", "train", "data",
@@ -92,8 +100,8 @@ class RunSpec:
     def run_id(self) -> str:
         resolved = self.resolved()
         # progress bars, the device and the trunk cache do not change results; keep them out of the key
-        resolved["model"].pop("device", None)
-        resolved["model"].pop("trunk_cache", None)
+        for key in RESULT_NEUTRAL_MODEL_FIELDS:
+            resolved["model"].pop(key, None)
         cfg = resolved["method"]["config"]
         if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict):
             cfg["train"].pop("progress", None)
