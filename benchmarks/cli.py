@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from bayeslora import BayesLoraError, available_methods
+from bayeslora import BayesLoraError, ConfigError, available_methods
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -59,7 +59,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     elif len(tables) == 2:
         print(to_markdown(format_seconds(phase_comparison(tables[0], tables[1], tuple(args.dirs)))))
     else:
-        raise FileNotFoundError("give one results folder, or two to compare (before, after)")
+        raise ConfigError(f"bayeslora profile takes one results folder, or two to compare (before, after); "
+                          f"got {len(tables)}")
     return 0
 
 
