@@ -1,9 +1,10 @@
 """Last-layer Laplace: laplace-torch on the K answer rows of the LM head only (METHODS.md section 7).
 
-The MAP adapter's features phi(x) (last-position hidden state after the final norm) are computed
-once per example; the head z = W phi + b (W: the K answer-token rows of the LM head, initialised at
-their pretrained values) gets p(W | D) ~= N(W, (H + lambda I)^-1) with H the GGN of the CE loss
-(full by default: K x H parameters), lambda by log marginal likelihood. Prediction runs the backbone
+The MAP adapter's features phi(x) (last-position hidden state after the final norm) come from the
+feature cache (:mod:`bayeslora.features`), computed once per example; the head z = W phi + b
+(W: the K answer-token rows of the LM head, initialised at their pretrained values) gets
+p(W | D) ~= N(W, (H + lambda I)^-1) with H the GGN of the CE loss (full by default: K x H
+parameters), lambda by log marginal likelihood. Prediction runs the backbone
 once per example and draws S logit samples of the GLM predictive f ~ N(W phi, J Sigma J^T).
 """
 
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError
-from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.data import EncodedSplit
+from bayeslora.features import cached_features, check_answer_ids, feature_batch
 
 from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
 from .map_lora import AdapterConfig
@@ -60,38 +61,28 @@ class LastLayerLaplace(LaplacePosterior):
         self.head: AnswerHead | None = None
         self.answer_ids: torch.Tensor | None = None
 
-    def _feature_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        with torch.no_grad():
-            features = self.require_backbone().features(batch)
-        return {"features": features, "labels": batch["labels"], "choice_mask": batch["choice_mask"]}
-
-    def _feature_loader(self, split: EncodedSplit) -> DataLoader:
-        """Batches {"features", "labels", "choice_mask"}: the backbone runs once per example."""
-        batch_size = self.config.train.eval_batch_size
-        rows = [{"features": f, "labels": y, "choice_mask": m}
-                for b in map(self._feature_batch, make_loader(split, batch_size))
-                for f, y, m in zip(b["features"], b["labels"], b["choice_mask"], strict=True)]
-        return DataLoader(rows, batch_size=batch_size)
+    def _features(self, split: EncodedSplit) -> DataLoader:
+        """Cached MAP-adapter features phi(x) of ``split``: the backbone runs once per example, ever."""
+        features = cached_features(self.require_backbone(), split, self.config.train.eval_batch_size,
+                                   self.adapter_name, self.artifacts)
+        return features.loader(self.config.train.eval_batch_size)
 
     def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
         """A fresh head on the answer rows of ``train`` (at fit), or on the rows saved with the state."""
         if train is not None:
-            self.answer_ids = next(iter(make_loader(train, 1)))["answer_ids"].cpu()
+            self.answer_ids = train.answer_ids.cpu()
             self.head = AnswerHead(*self.require_backbone().head_weight(self.answer_ids))
         return LogitsModel(self.head, self.head.forward)
 
     def curvature_loader(self, train: EncodedSplit) -> DataLoader:
-        return self._feature_loader(train)
+        return self._features(train)
 
     def validation_loader(self, val: EncodedSplit) -> DataLoader:
-        return self._feature_loader(val)
+        return self._features(val)
 
     def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if not torch.equal(batch["answer_ids"].cpu(), self.answer_ids):
-            raise ConfigError("laplace_last_layer covers the answer rows it was fitted on "
-                              f"({self.answer_ids.tolist()}); this set uses {batch['answer_ids'].tolist()}. "
-                              "Evaluate it on sets with the same answer tokens.")
-        return self._feature_batch(batch)
+        check_answer_ids(self.name, self.answer_ids, batch)
+        return feature_batch(self.require_backbone(), batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "head": self.head.state_dict(), "answer_ids": self.answer_ids}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +74,24 @@ class LayerStack:
         return self.decoder.norm(hidden)
 
 
+def update_weight_digest(h: Any, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed name, shape, dtype and a strided sample (~4k values) of every tensor into hash ``h``."""
+    with torch.no_grad():
+        for name, p in named_tensors:
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].double().cpu()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+
+
 def trunk_fingerprint(decoder: nn.Module, layer: int, model_id: str) -> str:
     """Hash of what the trunk's output depends on: architecture, dtype, L and the weights of
     embed_tokens and layers 0..L-1 (a strided sample of every tensor, ~4k values each)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{model_id}|{decoder.config.model_type}|L={layer}".encode())
     modules = [("embed_tokens", decoder.embed_tokens)] + [(f"layers.{i}", decoder.layers[i]) for i in range(layer)]
-    with torch.no_grad():
-        for prefix, module in modules:
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    continue
-                flat = p.detach().reshape(-1)
-                sample = flat[:: max(1, flat.numel() // 4096)].double().cpu()
-                h.update(f"{prefix}.{name}:{tuple(p.shape)}:{p.dtype}".encode())
-                h.update(sample.numpy().tobytes())
+    update_weight_digest(h, ((f"{prefix}.{name}", p) for prefix, module in modules
+                             for name, p in module.named_parameters() if "lora_" not in name))
     return h.hexdigest()
 
 

@@ -29,6 +29,14 @@ def tiny_backbone():
     return load_backbone(tiny_model_settings("llama"))
 
 
+def perturb_adapter(backbone, name: str, scale: float = 0.3) -> None:
+    """Make B non-zero so the adapter changes the logits."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in backbone.lora_parameters(name).values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
 def toy_examples(n: int, seed: int = 0, k: int = 2) -> list[Example]:
     """A learnable toy task: the label is spelled out in the prompt."""
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ from baselines.laplace_common import LaplaceSettings, check_memory, glm_logit_sa
 from bayeslora import ConfigError, get_method
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
+from bayeslora.features import feature_batch
 
 CONFIG = {"lora": LoraSettings(r=2, alpha=4, dropout=0.0, layers=[1]),
           "train": TrainSettings(epochs=2, lr=1e-2, batch_size=8, progress=False, warmup_ratio=0.0),
@@ -96,7 +97,7 @@ def test_last_layer_laplace_one_backbone_pass_matches_laplace_torch_and_reloads(
     assert tiny_backbone.num_forward_passes - passes == len(test)  # S samples, one backbone pass each example
     assert pred.logits.std(1).min() > 0
     for i, batch in enumerate(loader):
-        features = post._feature_batch(batch)
+        features = feature_batch(tiny_backbone, batch)
         torch.manual_seed(i)
         ours = glm_logit_samples(post.la, features, 6).softmax(-1).mean(1)
         torch.manual_seed(i)

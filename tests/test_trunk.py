@@ -14,7 +14,7 @@ from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import EncodedSplit, make_loader
 from bayeslora.profiling import PhaseProfile, phase, recording
 
-from .conftest import tiny_model_settings, toy_examples
+from .conftest import perturb_adapter, tiny_model_settings, toy_examples
 
 TOP2 = LoraSettings(r=2, alpha=4, dropout=0.1, layers={"top": 2})
 
@@ -25,14 +25,6 @@ def four_layer_backbone(arch: str, seed: int = 0):
 
 def encode(backbone, examples, name="test"):
     return EncodedSplit(examples, backbone.tokenizer, 64, name)
-
-
-def perturb_adapter(backbone, name: str) -> None:
-    """Make B non-zero so the adapter changes the logits."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in backbone.lora_parameters(name).values():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -1,0 +1,163 @@
+"""PoLAR-VBLL: a PoLAR adapter (landing field) trained with a VBLL head (METHODS.md section 7).
+
+The adapter (:mod:`baselines.polar`, dW = (alpha/r) X Theta Y^T on ``lora.target_modules`` in
+``lora.layers``; ``lora.dropout`` is not used) and the head (:class:`baselines.vbll_head.VbllHead`)
+both maximise the head's Jensen ELBO on phi(x) from the adapted model. ``schedule``
+[reconstructed, default alternate]: even steps update the adapter with q(W) fixed, odd steps update
+the head with the features detached (computed without gradients); ``joint`` updates both every step.
+Before each optimiser step the gradients of X and Y are replaced by the landing field, which keeps
+them near-orthogonal; the final ||P^T P - I||_F is reported as ``fit_orthogonality_error``.
+Prediction: one backbone pass per example (adapter active), then S draws of the head's predictive.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from bayeslora import ConfigError, FitReport, Posterior, Predictive
+from bayeslora.backbone import Backbone
+from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.features import check_answer_ids, feature_batch
+from bayeslora.predict import collect_predictive
+from bayeslora.training import TrainingHooks, TrainResult, train
+
+from .map_lora import AdapterConfig
+from .polar import PolarAdapter, target_modules
+from .vbll_head import VbllHead, VbllHeadHooks, VbllSettings
+
+SCHEDULES = ("alternate", "joint")
+
+
+@dataclass
+class PolarVbllConfig(AdapterConfig):
+    """``schedule``: alternate | joint; ``landing_strength``: lambda of the landing field;
+    ``head_lr``: learning rate of the head, ``stiefel_lr`` of X and Y (None: ``train.lr``, which
+    Theta always uses); ``vbll``: the head (its ``head_train`` settings are not used: the head
+    trains inside the adapter's loop)."""
+
+    schedule: str = "alternate"
+    landing_strength: float = 1.0
+    head_lr: float = 1e-2
+    stiefel_lr: float | None = None
+    vbll: VbllSettings = field(default_factory=VbllSettings)
+
+    def check(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"polar_vbll schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.landing_strength <= 0:
+            raise ConfigError(f"landing_strength must be positive, got {self.landing_strength}")
+        self.vbll.check()
+
+
+class PolarVbllHooks(TrainingHooks):
+    """-ELBO of the head on the adapted model's features; landing field on X, Y before each step."""
+
+    def __init__(self, backbone: Backbone, adapter: PolarAdapter, head: VbllHead, config: PolarVbllConfig,
+                 seed: int):
+        self.backbone, self.adapter, self.head, self.config = backbone, adapter, head, config
+        self.head_hooks = VbllHeadHooks(head, seed=seed)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        stiefel_lr = self.config.stiefel_lr if self.config.stiefel_lr is not None else self.config.train.lr
+        return [{"params": self.adapter.stiefel_parameters(), "lr": stiefel_lr, "weight_decay": 0.0},
+                {"params": list(self.adapter.Theta.values())},
+                {"params": list(self.head.parameters()), "lr": self.config.head_lr, "weight_decay": 0.0}]
+
+    def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        joint = self.config.schedule == "joint"
+        update_adapter, update_head = joint or step % 2 == 0, joint or step % 2 == 1
+        for p in self.head.parameters():
+            p.requires_grad_(update_head)
+        with torch.set_grad_enabled(update_adapter):
+            features = self.backbone.features(batch)
+        return self.head.loss(features, batch["labels"], batch["choice_mask"])
+
+    def transform_gradients(self) -> None:
+        self.adapter.apply_landing(self.config.landing_strength)
+
+    def val_nll(self, loader: DataLoader) -> float:
+        return self.head_hooks.val_nll(feature_batch(self.backbone, b) for b in loader)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"adapter": copy.deepcopy(self.adapter.state_dict()), "head": self.head_hooks.snapshot()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.adapter.load_state_dict(state["adapter"])
+        self.head_hooks.restore(state["head"])
+
+
+class PolarVbll(Posterior):
+    """PoLAR adapter + VBLL head; one backbone pass and S head samples per example."""
+
+    name = "polar_vbll"
+    Config = PolarVbllConfig
+    description = "PoLAR adapter (landing field) + VBLL head, alternating ELBO steps, one backbone pass"
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.config.check()
+        self.adapter: PolarAdapter | None = None
+        self.head: VbllHead | None = None
+        self.answer_ids: torch.Tensor | None = None
+        self.train_result: TrainResult | None = None
+
+    def _build(self, backbone: Backbone, answer_ids: torch.Tensor, regularization_weight: float) -> None:
+        lora = self.config.lora
+        self.adapter = PolarAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed)
+        trunk = backbone.trunk
+        if trunk is not None and min(self.adapter.layer_indices()) < trunk.layer:
+            raise ConfigError(f"PoLAR adapts layer {min(self.adapter.layer_indices())}, below the trunk cache's "
+                              f"layer {trunk.layer}; set model.trunk_cache: off or adapt only layers >= {trunk.layer}")
+        self.answer_ids = answer_ids.cpu()
+        self.head = VbllHead.for_backbone(backbone, self.answer_ids, regularization_weight, self.config.vbll)
+
+    def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        self.attach(backbone)
+        start = time.perf_counter()
+        torch.manual_seed(self.seed)
+        self._build(backbone, train_split.answer_ids, self.config.vbll.weight_for(len(train_split)))
+        settings = self.config.train
+        hooks = PolarVbllHooks(backbone, self.adapter, self.head, self.config, self.seed)
+        loader = make_loader(train_split, settings.batch_size, shuffle=True, seed=self.seed)
+        val_loader = make_loader(val, settings.eval_batch_size) if val is not None else None
+        with backbone.adapters_disabled(), self.adapter.active():
+            result = self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
+                                               desc=f"train {self.name}")
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        n_adapter = sum(p.numel() for p in self.adapter.parameters())
+        return FitReport(
+            fit_seconds=time.perf_counter() - start,
+            trainable_params=n_adapter + sum(p.numel() for p in self.head.parameters()),
+            posterior_params=self.head.num_posterior_params(),
+            train_steps=result.steps,
+            extra={"orthogonality_error": self.adapter.orthogonality_error(), "adapter_params": n_adapter,
+                   "best_val_nll": result.best_val_nll, "train_seconds": result.seconds},
+        )
+
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        backbone = self.require_backbone()
+        generator = torch.Generator(backbone.device).manual_seed(self.seed)
+
+        def sample(batch: dict[str, Any]) -> torch.Tensor:
+            check_answer_ids(self.name, self.answer_ids, batch)
+            features = feature_batch(backbone, batch)["features"]
+            return self.head.sample_logits(features, batch["choice_mask"], num_samples, generator)
+
+        with backbone.adapters_disabled(), self.adapter.active():
+            return collect_predictive(backbone, loader, sample, desc=self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapter": self.adapter.state_dict(), "head": self.head.state_dict(), "answer_ids": self.answer_ids,
+                "regularization_weight": self.head.layer.regularization_weight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._build(self.require_backbone(), state["answer_ids"], state["regularization_weight"])
+        self.adapter.load_state_dict(state["adapter"])
+        self.head.load_state_dict(state["head"])
