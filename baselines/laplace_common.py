@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, Predictive
 from bayeslora.backbone import Backbone
+from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
 from bayeslora.predictive import MASKED_LOGIT
@@ -52,10 +53,8 @@ class LaplaceSettings:
     fit_batch_size: int = 1
 
     def check(self) -> None:
-        if self.hessian_structure not in STRUCTURES:
-            raise ConfigError(f"hessian_structure must be one of {STRUCTURES}, got {self.hessian_structure!r}")
-        if self.prior_method not in PRIOR_METHODS:
-            raise ConfigError(f"prior_method must be one of {PRIOR_METHODS}, got {self.prior_method!r}")
+        check_choice("hessian_structure", self.hessian_structure, STRUCTURES)
+        check_choice("prior_method", self.prior_method, PRIOR_METHODS)
 
 
 class LogitsModel(nn.Module):
@@ -85,16 +84,15 @@ def structure_bytes(weight_shapes: Iterable[tuple[int, ...]], structure: str, by
     kron: per (out, in) weight, factors out^2 + in^2, kept twice (precision factors and their
     eigendecomposition); diag: 2P; full: 2P^2 (precision and its Cholesky/inverse); P = parameters.
     """
+    check_choice("hessian_structure", structure, STRUCTURES)
     shapes = [tuple(s) for s in weight_shapes]
     n_params = sum(int(torch.Size(s).numel()) for s in shapes)
     if structure == "kron":
         values = sum(2 * (s[0] ** 2 + (int(torch.Size(s[1:]).numel()) if len(s) > 1 else 0) ** 2) for s in shapes)
     elif structure == "diag":
         values = 2 * n_params
-    elif structure == "full":
+    else:  # full
         values = 2 * n_params**2
-    else:
-        raise ConfigError(f"hessian_structure must be one of {STRUCTURES}, got {structure!r}")
     return values * bytes_per_value
 
 

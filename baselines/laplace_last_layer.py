@@ -61,7 +61,7 @@ class LastLayerLaplace(LaplacePosterior):
         self.head: AnswerHead | None = None
         self.answer_ids: torch.Tensor | None = None
 
-    def _features(self, split: EncodedSplit) -> DataLoader:
+    def _feature_loader(self, split: EncodedSplit) -> DataLoader:
         """Cached MAP-adapter features phi(x) of ``split``: the backbone runs once per example, ever."""
         features = cached_features(self.require_backbone(), split, self.config.train.eval_batch_size,
                                    self.adapter_name, self.artifacts)
@@ -75,10 +75,10 @@ class LastLayerLaplace(LaplacePosterior):
         return LogitsModel(self.head, self.head.forward)
 
     def curvature_loader(self, train: EncodedSplit) -> DataLoader:
-        return self._features(train)
+        return self._feature_loader(train)
 
     def validation_loader(self, val: EncodedSplit) -> DataLoader:
-        return self._features(val)
+        return self._feature_loader(val)
 
     def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         check_answer_ids(self.name, self.answer_ids, batch)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, Posterior, Predictive
 from bayeslora.backbone import Backbone
+from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit, make_loader
 from bayeslora.features import check_answer_ids, feature_batch
 from bayeslora.predict import collect_predictive
@@ -48,8 +49,7 @@ class PolarVbllConfig(AdapterConfig):
     vbll: VbllSettings = field(default_factory=VbllSettings)
 
     def check(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"polar_vbll schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_choice("polar_vbll schedule", self.schedule, SCHEDULES)
         if self.landing_strength <= 0:
             raise ConfigError(f"landing_strength must be positive, got {self.landing_strength}")
         self.vbll.check()
@@ -110,10 +110,7 @@ class PolarVbll(Posterior):
     def _build(self, backbone: Backbone, answer_ids: torch.Tensor, regularization_weight: float) -> None:
         lora = self.config.lora
         self.adapter = PolarAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed)
-        trunk = backbone.trunk
-        if trunk is not None and min(self.adapter.layer_indices()) < trunk.layer:
-            raise ConfigError(f"PoLAR adapts layer {min(self.adapter.layer_indices())}, below the trunk cache's "
-                              f"layer {trunk.layer}; set model.trunk_cache: off or adapt only layers >= {trunk.layer}")
+        backbone.check_above_trunk(self.name, min(self.adapter.layer_indices()))
         self.answer_ids = answer_ids.cpu()
         self.head = VbllHead.for_backbone(backbone, self.answer_ids, regularization_weight, self.config.vbll)
 

@@ -25,7 +25,7 @@ from vbll.layers.classification import gaussian_kl
 
 from bayeslora import ConfigError
 from bayeslora.backbone import Backbone, mask_choices
-from bayeslora.config import TrainSettings
+from bayeslora.config import TrainSettings, check_choice
 from bayeslora.predictive import MASKED_LOGIT
 from bayeslora.training import TrainingHooks
 
@@ -66,10 +66,8 @@ class VbllSettings:
         return 1.0 / num_train if self.regularization_weight is None else self.regularization_weight
 
     def check(self) -> None:
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise ConfigError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_choice("init", self.init, INITS)
 
 
 class VbllHead(nn.Module):

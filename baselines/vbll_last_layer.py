@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive
+from bayeslora import FitReport, Predictive
 from bayeslora.backbone import Backbone
+from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.features import FeatureSet, adapter_context, cached_features, check_answer_ids, feature_batch
 from bayeslora.predict import collect_predictive
@@ -53,8 +54,7 @@ class VbllLastLayer(MapLora):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        if self.config.features not in FEATURE_SOURCES:
-            raise ConfigError(f"vbll features must be one of {FEATURE_SOURCES}, got {self.config.features!r}")
+        check_choice("vbll features", self.config.features, FEATURE_SOURCES)
         self.config.vbll.check()
         self.head: VbllHead | None = None
         self.prior_scale = self.config.vbll.prior_scale

@@ -164,9 +164,15 @@ class Backbone:
         for name in self.adapter_names():
             cfg_layers = self.peft_model.peft_config[name].layers_to_transform
             low = 0 if cfg_layers is None else min([cfg_layers] if isinstance(cfg_layers, int) else cfg_layers)
-            if low < layer:
-                raise ConfigError(f"adapter {name!r} adapts layer {low}, below the trunk cache's layer {layer}; "
-                                  f"set model.trunk_cache: off or adapt only layers >= {layer}")
+            self.check_above_trunk(name, low, layer)
+
+    def check_above_trunk(self, name: str, lowest_layer: int, trunk_layer: int | None = None) -> None:
+        """Refuse adapter ``name`` if it changes a layer below the trunk cache's L (``trunk_layer``, or the
+        active cache's): the cached states entering L would then be stale."""
+        layer = trunk_layer if trunk_layer is not None else (self.trunk.layer if self.trunk is not None else None)
+        if layer is not None and lowest_layer < layer:
+            raise ConfigError(f"adapter {name!r} adapts layer {lowest_layer}, below the trunk cache's layer {layer}; "
+                              f"set model.trunk_cache: off or adapt only layers >= {layer}")
 
     def head_weight(self, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The K answer rows of the LM head, (K, H), and their bias if the head has one."""

@@ -90,6 +90,12 @@ class DataSettings:
     files: dict[str, str] | None = None
 
 
+def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """A ConfigError naming ``field_name`` and the valid ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ConfigError(f"{field_name} must be one of {choices}, got {value!r}")
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 

@@ -11,11 +11,12 @@ from baselines.polar import PolarAdapter, landing_field, orthogonality_error, ta
 from baselines.vbll_head import VbllHead, VbllSettings
 from bayeslora import ConfigError, get_method
 from bayeslora.artifacts import ArtifactStore
+from bayeslora.backbone import load_backbone
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
 from bayeslora.features import cached_features
 
-from .conftest import perturb_adapter
+from .conftest import perturb_adapter, tiny_model_settings
 
 TRAIN = TrainSettings(epochs=2, lr=1e-2, batch_size=8, progress=False, warmup_ratio=0.0)
 LORA = LoraSettings(r=2, alpha=4, dropout=0.0)
@@ -209,3 +210,10 @@ def test_landing_keeps_x_and_y_orthogonal_while_the_loss_falls(tiny_backbone, to
     unlanded, unlanded_report = _fit("polar_vbll", tiny_backbone, toy_splits, train=train_settings,
                                      schedule="joint", head_lr=1e-3, stiefel_lr=3e-4, landing_strength=1e-12)
     assert report.extra["orthogonality_error"] < unlanded_report.extra["orthogonality_error"]
+
+
+def test_polar_below_the_trunk_cache_is_refused(toy_splits):
+    backbone = load_backbone(tiny_model_settings("llama", num_hidden_layers=4))
+    backbone.configure_trunk_cache("auto", LoraSettings(r=2, alpha=4, dropout=0.0, layers={"top": 2}))
+    with pytest.raises(ConfigError, match="below the trunk cache's layer 2"):
+        _fit("polar_vbll", backbone, toy_splits)  # LORA adapts every layer, including 0 and 1
