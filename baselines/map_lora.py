@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 from bayeslora import FitReport, Posterior, Predictive
 from bayeslora.adapters import fit_lora_adapter
 from bayeslora.backbone import Backbone
-from bayeslora.config import LoraSettings, TrainSettings
+from bayeslora.config import AdapterConfig, TrainSettings
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
 
@@ -43,14 +42,6 @@ class ZeroShot(Posterior):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-@dataclass
-class AdapterConfig:
-    """LoRA + training settings; the runner fills both from the suite's ``lora:`` and ``train:`` sections."""
-
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
 
 
 class MapLora(Posterior):

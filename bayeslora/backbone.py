@@ -70,6 +70,7 @@ class Backbone:
         self.lm.eval()
         self.num_forward_passes = 0
         self.trunk: TrunkCache | None = None
+        self._answer_module = _AnswerLogits(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -193,6 +194,21 @@ class Backbone:
         """(B, K) float32 answer logits of the active adapter(s)."""
         return self.head_logits(self.features(batch), batch)
 
+    def class_logits_with(self, name: str, weights: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        """(B, K) answer logits with adapter ``name`` active and its LoRA weights replaced by ``weights``
+        (keys as in :meth:`lora_parameters`), differentiable in ``weights``.
+
+        The substitution is ``torch.func.functional_call``: nothing is copied or written into the
+        model, so a weight-space curve phi(t) is evaluated at any t on the one backbone in memory.
+        """
+        names = self._lora_parameter_names(name)
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ConfigError(f"weights for adapter {name!r} name parameters it does not have: {unknown[:3]}")
+        params = {f"lm.{names[k]}": v for k, v in weights.items()}
+        with self.using_adapter(name):
+            return torch.func.functional_call(self._answer_module, params, (batch,))
+
     # ------------------------------------------------------------------ adapters
     def add_lora(self, name: str, settings: LoraSettings, seed: int | None = None) -> None:
         """Add LoRA adapter ``name`` (A ~ peft default init, B = 0), make it active and trainable."""
@@ -263,6 +279,9 @@ class Backbone:
 
     def delete_adapter(self, name: str) -> None:
         if name in self.adapter_names():
+            others = [n for n in self.adapter_names() if n != name]
+            if others and self.peft_model.active_adapter == name:  # activate another first (peft warns otherwise)
+                self.use_adapter(others[-1])
             self.peft_model.delete_adapter(name)
 
     @contextlib.contextmanager
@@ -273,6 +292,11 @@ class Backbone:
         else:
             with self.peft_model.disable_adapter():
                 yield
+
+    def _lora_parameter_names(self, name: str) -> dict[str, str]:
+        """Adapter ``name``'s parameter keys (as in :meth:`lora_parameters`) -> full module paths."""
+        return {pname.replace(f".{name}.", "."): pname for pname, _ in self.lm.named_parameters()
+                if f".{name}." in pname and "lora_" in pname}
 
     def lora_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter ``name``'s parameters keyed by their module path (adapter name removed)."""
@@ -315,6 +339,19 @@ class Backbone:
             for m, rate in zip(modules, rates, strict=True):
                 m.eval()
                 m.p = rate
+
+
+class _AnswerLogits(nn.Module):
+    """:meth:`Backbone.class_logits` as a module call over ``lm``, so that torch.func.functional_call
+    can substitute the LM's parameters for the duration of one call."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.lm = backbone.lm
+        self._class_logits = backbone.class_logits
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self._class_logits(batch)
 
 
 def mask_choices(logits: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:

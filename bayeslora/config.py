@@ -90,6 +90,15 @@ class DataSettings:
     files: dict[str, str] | None = None
 
 
+@dataclass
+class AdapterConfig:
+    """LoRA + training settings of a method that trains adapters; the runner fills both from the
+    suite's ``lora:`` and ``train:`` sections (method-level overrides win)."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
 def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
     """A ConfigError naming ``field_name`` and the valid ``choices`` unless ``value`` is one of them."""
     if value not in choices:

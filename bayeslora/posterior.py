@@ -48,6 +48,10 @@ class Posterior(abc.ABC):
     Config: ClassVar[type] = EmptyConfig
     description: ClassVar[str] = ""
     deterministic: ClassVar[bool] = False
+    saves_state: ClassVar[bool] = False
+    """True: the runner writes :meth:`state_dict` to the run folder (``posterior.pt``) so that later
+    analyses (e.g. ``bayeslora path``) can reload the fitted posterior. Off by default: some states
+    (Kronecker factors on a 7B model) take gigabytes."""
 
     def __init__(self, config: Any = None, *, seed: int = 0, artifacts: ArtifactStore | None = None):
         self.config = self.make_config(config)

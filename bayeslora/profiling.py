@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-PHASES = ("load", "tokenise", "trunk", "features", "train", "fit", "predict", "metrics")
+PHASES = ("load", "tokenise", "trunk", "features", "train", "fit", "predict", "path", "metrics")
 """The phases the runner and the library report, in display order."""
 
 

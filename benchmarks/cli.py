@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command: methods, assets, run, leaderboard, profile."""
+"""The ``bayeslora`` command: methods, assets, run, leaderboard, profile, path."""
 
 from __future__ import annotations
 
@@ -64,6 +64,29 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_path(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bayeslora.config import build_dataclass
+    from bayeslora.paths import PathSettings, barrier_table
+
+    from .leaderboard import to_markdown
+    from .reload import reload_run
+    from .runner import run_path_analysis
+
+    values = {"points": args.points, "splits": args.splits, "max_examples": args.max_examples,
+              "batch_size": args.batch_size}
+    settings = build_dataclass(PathSettings, {k: v for k, v in values.items() if v is not None}, "path")
+    settings.check()
+    run = reload_run(args.run_dir)
+    table = run_path_analysis(run.posterior, run.backbone, run.task, settings)
+    out = Path(args.run_dir) / "path.csv"
+    table.to_csv(out, index=False)
+    print(to_markdown(barrier_table(table).round(4)))
+    print(f"written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -82,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="seconds per phase of a results folder, or two compared")
     prof.add_argument("dirs", nargs="+", help="one output folder, or two (before, after) for a speed-up table")
     prof.set_defaults(func=_cmd_profile)
+    path = sub.add_parser("path", help="loss/accuracy along the linear path and the trained curve of a run")
+    path.add_argument("run_dir", help="a finished run folder, OUT/runs/<run-id> (a method with paths, e.g. lora_curve)")
+    path.add_argument("--points", type=int, help="values of t in [0, 1] (default 21)")
+    path.add_argument("--splits", nargs="+", choices=["train", "val", "test"], help="default: train test")
+    path.add_argument("--max-examples", type=int, help="first N examples of each split (default: all)")
+    path.add_argument("--batch-size", type=int, help="evaluation batch size (default 16)")
+    path.set_defaults(func=_cmd_path)
     return parser
 
 

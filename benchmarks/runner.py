@@ -6,6 +6,8 @@ Output layout (every run written atomically: a temporary folder renamed into pla
     OUT/runs/<run-id>/predictive.pt        in-distribution test set: logits (N,S,K), labels, example_ids
     OUT/runs/<run-id>/predictive-<set>.pt  each OOD evaluation set
     OUT/runs/<run-id>/metrics.json         one row per evaluation set
+    OUT/runs/<run-id>/posterior.pt         the fitted posterior's state (methods with ``saves_state``)
+    OUT/runs/<run-id>/path.csv             loss/acc along weight-space paths (suite ``path:``, see bayeslora.paths)
     OUT/runs/<run-id>/log.txt              the run's log
     OUT/cache/                             shared artifacts (MAP adapters, trunk hidden states, ...)
     OUT/results.csv, OUT/results.parquet   every finished run's rows
@@ -30,16 +32,18 @@ from typing import Any
 import torch
 import yaml
 
-from bayeslora import Posterior, Predictive, get_method
+from bayeslora import ConfigError, Posterior, Predictive, get_method
 from bayeslora.artifacts import ArtifactStore, content_hash
 from bayeslora.backbone import Backbone, load_backbone
 from bayeslora.config import DataSettings, ModelSettings, to_plain
 from bayeslora.data import EncodedSplit, get_task, load_task_splits, make_loader
 from bayeslora.metrics import classification_metrics, ood_metrics
+from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
 from bayeslora.profiling import PHASES, PhaseProfile, phase, recording
+from bayeslora.trunk import TrunkCache
 
 from .store import write_results
-from .suite import RunSpec, Suite
+from .suite import RunSpec, Suite, has_paths
 
 log = logging.getLogger("bayeslora.runner")
 
@@ -67,6 +71,19 @@ class DataCache:
             self._cache[key] = TaskData(enc(splits.train, "train"), enc(splits.val, "val"), enc(splits.test, "test"),
                                         splits.protocol)
         return self._cache[key]
+
+
+def trunk_cache_file(out: Path, trunk: TrunkCache) -> Path:
+    """Where a results folder keeps the trunk cache's hidden states across processes."""
+    return out / "cache" / "trunk" / f"{trunk.fingerprint}.pt"
+
+
+def run_path_analysis(posterior: Posterior, backbone: Backbone, task: TaskData, settings: PathSettings) -> Any:
+    """The posterior's weight-space paths evaluated on the task's splits (a pandas table, see bayeslora.paths)."""
+    if not has_paths(type(posterior)):
+        raise ConfigError(f"method {posterior.name!r} has no weight-space paths to analyse (it defines no paths()); "
+                          f"path analysis applies to methods such as lora_curve")
+    return evaluate_paths(backbone, posterior.paths(), {s: getattr(task, s) for s in settings.splits}, settings)
 
 
 class Runner:
@@ -153,7 +170,7 @@ class Runner:
         with phase("load"):
             backbone = self.backbone(spec.model)
             trunk = backbone.configure_trunk_cache(spec.model.trunk_cache, spec.lora)
-            trunk_file = self.out / "cache" / "trunk" / f"{trunk.fingerprint}.pt" if trunk else None
+            trunk_file = trunk_cache_file(self.out, trunk) if trunk else None
             if trunk is not None and trunk_file not in self._trunk_files_loaded:
                 trunk.load(trunk_file)
                 self._trunk_files_loaded.add(trunk_file)
@@ -175,6 +192,12 @@ class Runner:
                 predictive = self._predict(posterior, task.test, spec, eval_batch)
                 ood_preds = {name: self._predict(posterior, ood.test, spec, eval_batch)
                              for name, ood in ood_tasks.items()}
+            if posterior.saves_state:
+                torch.save(posterior.state_dict(), tmp / "posterior.pt")
+            path_table = None
+            if spec.path is not None:
+                with phase("path"):
+                    path_table = run_path_analysis(posterior, backbone, task, spec.path)
         finally:
             posterior.release()
         with phase("metrics"):
@@ -187,6 +210,9 @@ class Runner:
                 row = self._row(spec, report, ood_pred, name, ood.protocol, ood.test.num_classes)
                 row.update(ood_metrics(predictive.logits, ood_pred.logits))
                 rows.append(row)
+            if path_table is not None:
+                path_table.to_csv(tmp / "path.csv", index=False)
+                trunk_info.update(barrier_columns(path_table))
             for row in rows:
                 row.update(trunk_info)
             if trunk is not None:

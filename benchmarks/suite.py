@@ -18,6 +18,9 @@ A suite YAML::
       - {name: map, label: map-wd0.1, train: {weight_decay: 0.1}}   # per-method lora/train overrides
       - {name: some_method, config: {key: value}}                    # the method's own Config
       - {name: ensemble, seeds: [0], config: {members: 3}}           # per-method seeds
+    path: {points: 21, splits: [train, test], max_examples: 128, methods: [lora_curve]}
+                               # loss along weight-space paths after predicting, for the listed method
+                               # labels (default: every method that defines paths(), e.g. lora_curve)
 
 Every run is keyed by a hash of its fully resolved configuration, so a finished run is found again
 and never recomputed, and any change to what determines it gives a new run.
@@ -45,9 +48,10 @@ from bayeslora.config import (
     to_plain,
 )
 from bayeslora.data import get_task
+from bayeslora.paths import PathSettings
 
 SUITE_KEYS = {"name", "description", "num_samples", "seeds", "model", "models", "lora", "train", "data",
-              "datasets", "methods", "n_bins"}
+              "datasets", "methods", "n_bins", "path"}
 RESULT_SCHEMA_VERSION = 1
 
 
@@ -83,6 +87,8 @@ class RunSpec:
     n_bins: int
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The suite's LoRA settings with the method's overrides (decides the trunk-cache layer)."""
+    path: PathSettings | None = None
+    """Path analysis after predicting (the suite's ``path:``), for methods that define ``paths()``."""
 
     def resolved(self) -> dict[str, Any]:
         return {
@@ -94,6 +100,7 @@ class RunSpec:
             "seed": self.seed,
             "num_samples": self.num_samples,
             "n_bins": self.n_bins,
+            **({"path": to_plain(self.path)} if self.path is not None else {}),
         }
 
     @property
@@ -194,6 +201,31 @@ def _run_lora(method_config: Any, raw: dict[str, Any]) -> LoraSettings:
     return own if isinstance(own, LoraSettings) else build_dataclass(LoraSettings, raw.get("lora") or {}, "lora")
 
 
+def has_paths(cls: type) -> bool:
+    """Whether a method class offers weight-space paths for the path analysis (``paths()``)."""
+    return callable(getattr(cls, "paths", None))
+
+
+def _path_settings(raw: Any, methods: list[MethodEntry]) -> dict[str, PathSettings | None]:
+    """Per method label: the suite's ``path:`` settings, for methods with paths (and listed, if listed)."""
+    if raw is None:
+        return {m.label: None for m in methods}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"path must be a mapping such as {{points: 21, max_examples: 64}}, got {raw!r}")
+    raw = dict(raw)
+    wanted = raw.pop("methods", None)
+    settings = build_dataclass(PathSettings, raw, "path")
+    settings.check()
+    labels = [m.label for m in methods]
+    if wanted is not None and (not isinstance(wanted, list) or set(wanted) - set(labels)):
+        raise ConfigError(f"path.methods must list method labels of this suite ({labels}), got {wanted!r}")
+    for m in methods:
+        if wanted is not None and m.label in wanted and not has_paths(get_method(m.name)):
+            raise ConfigError(f"path.methods lists {m.label!r}, but method {m.name!r} has no weight-space paths")
+    return {m.label: settings if has_paths(get_method(m.name)) and (wanted is None or m.label in wanted) else None
+            for m in methods}
+
+
 def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     if not isinstance(raw, dict):
         raise ConfigError("a suite file must be a YAML mapping (see configs/suites/smoke.yaml)")
@@ -223,10 +255,11 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     data = {d.name: build_dataclass(DataSettings, {**(raw.get("data") or {}), **d.data}, f"datasets.{d.name}.data")
             for d in datasets}
     loras = {m.label: _run_lora(configs[m.label], raw) for m in methods}
+    paths = _path_settings(raw.get("path"), methods)
     all_seeds = list(dict.fromkeys(seeds + [s for m in methods for s in (m.seeds or [])]))
     runs = [
         RunSpec(name, model, method, configs[method.label], dataset, data[dataset.name], seed, num_samples,
-                raw.get("n_bins", 15), loras[method.label])
+                raw.get("n_bins", 15), loras[method.label], paths[method.label])
         for model in models for dataset in datasets for seed in all_seeds for method in methods
         if seed in (method.seeds or seeds)
     ]

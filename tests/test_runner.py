@@ -6,11 +6,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 
+from bayeslora import ConfigError
 from benchmarks.cli import main as cli_main
 from benchmarks.leaderboard import aggregate
 from benchmarks.runner import Runner
@@ -107,6 +109,52 @@ def test_trunk_cache_runs_profile_and_match_the_full_forward(tmp_path, capsys):
     assert cli_main(["profile", str(off), str(on)]) == 0
     table = capsys.readouterr().out
     assert "speed-up" in table and "| trunk |" in table and "| total |" in table
+
+
+def test_curve_runs_write_paths_and_reload_from_their_folder(tmp_path, capsys):
+    suite = tiny_suite(seeds=[0], datasets=["sst2"], path={"points": 5, "max_examples": 8, "methods": ["curve"]},
+                       methods=[{"name": "map", "seeds": [0, 1]},
+                                {"name": "lora_curve", "label": "curve", "config": {"anchors": 2}},
+                                {"name": "lora_curve", "label": "curve-nojs", "config": {"anchors": 2,
+                                                                                         "js_weight": 0.0}}])
+    Runner(parse_suite(suite), tmp_path).run()
+    results = pd.read_csv(tmp_path / "results.csv")
+    # the anchors are MAP seeds 0 and 1: the curve trained seed 1's adapter once, MAP seed 1 reused it
+    assert results.query("method == 'map' and seed == 1").reused_cache.all()
+    df = results.query("seed == 0").set_index("method")
+    assert df.loc["curve", "num_samples"] == 3
+    assert pd.isna(df.loc["curve-nojs", "barrier_curve_test"])  # not listed in path.methods: no analysis
+    run_dir = tmp_path / "runs" / df.loc["curve", "run_id"]
+    table = pd.read_csv(run_dir / "path.csv")
+    assert list(table.columns) == ["path", "t", "split", "loss", "acc", "n_examples"]
+    assert len(table) == 2 * 5 * 2 and set(table.n_examples) == {8}
+    for name in ("barrier_linear_train", "barrier_linear_test", "barrier_curve_train", "barrier_curve_test"):
+        assert np.isfinite(df.loc["curve", name])
+    assert df.loc["curve", "time_path"] > 0 and (run_dir / "posterior.pt").exists()
+    assert not (tmp_path / "runs" / df.loc["map", "run_id"] / "posterior.pt").exists()
+    # `bayeslora path` reloads the fitted curve from the folder and reproduces the table
+    (run_dir / "path.csv").unlink()
+    assert cli_main(["path", str(run_dir), "--points", "5", "--max-examples", "8"]) == 0
+    assert "barrier_interp" in capsys.readouterr().out
+    again = pd.read_csv(run_dir / "path.csv")
+    assert again[["loss", "acc"]].to_numpy() == pytest.approx(table[["loss", "acc"]].to_numpy(), abs=1e-6)
+    map_dir = tmp_path / "runs" / df.loc["map", "run_id"]
+    assert cli_main(["path", str(map_dir)]) == 2
+    assert "no posterior.pt" in capsys.readouterr().err
+
+
+def test_path_suite_settings_are_checked():
+    with pytest.raises(ConfigError, match="path.methods"):
+        parse_suite(tiny_suite(path={"methods": ["nope"]}))
+    with pytest.raises(ConfigError, match="no weight-space paths"):
+        parse_suite(tiny_suite(path={"methods": ["map"]}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_suite(tiny_suite(path={"point": 3}))
+    runs = parse_suite(tiny_suite(methods=["map", "lora_curve"], path={"points": 3})).runs
+    assert {r.method.name: r.path is not None for r in runs} == {"map": False, "lora_curve": True}
+    # a path setting leaves the run ids of methods without paths unchanged
+    plain = parse_suite(tiny_suite(methods=["map"])).runs
+    assert [r.run_id for r in runs if r.method.name == "map"] == [r.run_id for r in plain]
 
 
 def _cli(args, env_extra=None, **kw):

@@ -87,7 +87,8 @@ def _fit_predict(cls, mode: str):
     return predictive, backbone
 
 
-BUILTIN_METHODS = sorted(n for n, c in available_methods().items() if c.__module__.startswith("baselines"))
+BUILTIN_METHODS = sorted(n for n, c in available_methods().items()
+                         if c.__module__.startswith(("baselines.", "bayeslora.")))
 
 
 @pytest.mark.parametrize("method", BUILTIN_METHODS)

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import DataError
 from .tasks import Example
@@ -117,8 +117,10 @@ class EncodedSplit(Dataset):
         }
 
 
-def make_loader(split: EncodedSplit, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A loader over ``split``; with shuffle, the order is fixed by ``seed``."""
+def make_loader(split: EncodedSplit, batch_size: int, shuffle: bool = False, seed: int = 0,
+                limit: int | None = None) -> DataLoader:
+    """A loader over ``split`` (its first ``limit`` examples if given); with shuffle, the order is fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator,
+    data: Dataset = split if limit is None or limit >= len(split) else Subset(split, range(limit))
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=split.collate, num_workers=0)
