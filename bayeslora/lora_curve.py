@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .adapters import fit_lora_adapter
+from .artifacts import ArtifactStore
 from .backbone import Backbone
 from .config import AdapterConfig, TrainSettings, check_choice
 from .curve import BezierCurve, Weights, interpolate, num_control_points
@@ -43,6 +44,10 @@ from .posterior import FitReport, Posterior
 from .predict import collect_predictive
 from .predictive import Predictive
 from .training import TrainingHooks, train
+
+PREDICT_T_SEED_OFFSET, PREDICT_NOISE_SEED_OFFSET = 7919, 104729
+"""Test-time draws (sampled t, perturbations) use their own generators, seeded from the run seed, so a
+reloaded curve predicts exactly the same."""
 
 
 @dataclass
@@ -190,7 +195,7 @@ class LoraCurve(Posterior):
     description = "LoRA-Curve: segmented Bezier curve in LoRA space (anchored on MAP adapters or free), S points"
     saves_state: ClassVar[bool] = True
 
-    def __init__(self, config: Any = None, *, seed: int = 0, artifacts: Any = None):
+    def __init__(self, config: Any = None, *, seed: int = 0, artifacts: ArtifactStore | None = None):
         super().__init__(config, seed=seed, artifacts=artifacts)
         self.curve: BezierCurve | None = None
 
@@ -266,7 +271,7 @@ class LoraCurve(Posterior):
         """The S curve points: a uniform grid over [0, 1], or S sorted draws from U(0, 1) fixed by the seed."""
         if self.config.predict_points == "grid":
             return curve_grid(num_samples)
-        generator = torch.Generator().manual_seed(self.seed + 7919)
+        generator = torch.Generator().manual_seed(self.seed + PREDICT_T_SEED_OFFSET)
         return torch.rand(num_samples, generator=generator, dtype=torch.float64).sort().values.tolist()
 
     def sample_weights(self, num_samples: int) -> list[Weights]:
@@ -274,7 +279,8 @@ class LoraCurve(Posterior):
         with torch.no_grad():
             points = [curve.point(t) for t in self.predict_times(num_samples)]
             if self.config.predict_perturbation and self.config.perturbation > 0:
-                generator = torch.Generator(device=self.require_backbone().device).manual_seed(self.seed + 104729)
+                device = self.require_backbone().device
+                generator = torch.Generator(device=device).manual_seed(self.seed + PREDICT_NOISE_SEED_OFFSET)
                 points = [perturb(w, self.config.perturbation, self.config.perturbation_scale, generator)
                           for w in points]
         return points

@@ -18,9 +18,10 @@ A suite YAML::
       - {name: map, label: map-wd0.1, train: {weight_decay: 0.1}}   # per-method lora/train overrides
       - {name: some_method, config: {key: value}}                    # the method's own Config
       - {name: ensemble, seeds: [0], config: {members: 3}}           # per-method seeds
-    path: {points: 21, splits: [train, test], max_examples: 128, methods: [lora_curve]}
+    path: {points: 21, splits: [train, test], max_examples: 128, methods: [lora_curve], datasets: [sst2]}
                                # loss along weight-space paths after predicting, for the listed method
-                               # labels (default: every method that defines paths(), e.g. lora_curve)
+                               # labels and datasets (default: every method that defines paths(), e.g.
+                               # lora_curve, on every dataset)
 
 Every run is keyed by a hash of its fully resolved configuration, so a finished run is found again
 and never recomputed, and any change to what determines it gives a new run.
@@ -206,14 +207,20 @@ def has_paths(cls: type) -> bool:
     return callable(getattr(cls, "paths", None))
 
 
-def _path_settings(raw: Any, methods: list[MethodEntry]) -> dict[str, PathSettings | None]:
-    """Per method label: the suite's ``path:`` settings, for methods with paths (and listed, if listed)."""
+def _path_settings(raw: Any, methods: list[MethodEntry],
+                   datasets: list[DatasetEntry]) -> dict[tuple[str, str], PathSettings | None]:
+    """Per (method label, dataset): the suite's ``path:`` settings, for methods with paths (and for the
+    listed methods and datasets, where ``path.methods`` / ``path.datasets`` list them)."""
     if raw is None:
-        return {m.label: None for m in methods}
+        return {(m.label, d.name): None for m in methods for d in datasets}
     if not isinstance(raw, dict):
         raise ConfigError(f"path must be a mapping such as {{points: 21, max_examples: 64}}, got {raw!r}")
     raw = dict(raw)
     wanted = raw.pop("methods", None)
+    wanted_data = raw.pop("datasets", None)
+    names = [d.name for d in datasets]
+    if wanted_data is not None and (not isinstance(wanted_data, list) or set(wanted_data) - set(names)):
+        raise ConfigError(f"path.datasets must list datasets of this suite ({names}), got {wanted_data!r}")
     settings = build_dataclass(PathSettings, raw, "path")
     settings.check()
     labels = [m.label for m in methods]
@@ -222,8 +229,8 @@ def _path_settings(raw: Any, methods: list[MethodEntry]) -> dict[str, PathSettin
     for m in methods:
         if wanted is not None and m.label in wanted and not has_paths(get_method(m.name)):
             raise ConfigError(f"path.methods lists {m.label!r}, but method {m.name!r} has no weight-space paths")
-    return {m.label: settings if has_paths(get_method(m.name)) and (wanted is None or m.label in wanted) else None
-            for m in methods}
+    return {(m.label, d.name): settings if has_paths(get_method(m.name)) and (wanted is None or m.label in wanted)
+            and (wanted_data is None or d.name in wanted_data) else None for m in methods for d in datasets}
 
 
 def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
@@ -255,11 +262,12 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     data = {d.name: build_dataclass(DataSettings, {**(raw.get("data") or {}), **d.data}, f"datasets.{d.name}.data")
             for d in datasets}
     loras = {m.label: _run_lora(configs[m.label], raw) for m in methods}
-    paths = _path_settings(raw.get("path"), methods)
+    paths = _path_settings(raw.get("path"), methods, datasets)
     all_seeds = list(dict.fromkeys(seeds + [s for m in methods for s in (m.seeds or [])]))
     runs = [
         RunSpec(name, model, method, configs[method.label], dataset, data[dataset.name], seed, num_samples,
-                raw.get("n_bins", 15), loras[method.label], paths[method.label])
+                raw.get("n_bins", 15), loras[method.label],
+                paths[method.label, dataset.name])
         for model in models for dataset in datasets for seed in all_seeds for method in methods
         if seed in (method.seeds or seeds)
     ]

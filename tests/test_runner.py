@@ -150,6 +150,10 @@ def test_path_suite_settings_are_checked():
         parse_suite(tiny_suite(path={"methods": ["map"]}))
     with pytest.raises(ConfigError, match="unknown key"):
         parse_suite(tiny_suite(path={"point": 3}))
+    with pytest.raises(ConfigError, match="path.datasets"):
+        parse_suite(tiny_suite(path={"datasets": ["boolq"]}))
+    two = tiny_suite(methods=["lora_curve"], datasets=["sst2", "boolq"], path={"datasets": ["boolq"]})
+    assert {r.dataset.name: r.path is not None for r in parse_suite(two).runs} == {"sst2": False, "boolq": True}
     runs = parse_suite(tiny_suite(methods=["map", "lora_curve"], path={"points": 3})).runs
     assert {r.method.name: r.path is not None for r in runs} == {"map": False, "lora_curve": True}
     # a path setting leaves the run ids of methods without paths unchanged
