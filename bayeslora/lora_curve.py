@@ -39,6 +39,7 @@ from .config import AdapterConfig, TrainSettings, check_choice
 from .curve import BezierCurve, Weights, interpolate, num_control_points
 from .data import EncodedSplit, make_loader
 from .errors import ConfigError
+from .metrics import log_predictive
 from .paths import WeightPath
 from .posterior import FitReport, Posterior
 from .predict import collect_predictive
@@ -170,21 +171,17 @@ class CurveHooks(TrainingHooks):
         with torch.inference_mode():
             points = [self.curve.point(t) for t in curve_grid(self.config.val_points)]
             for batch in loader:
-                logits = torch.stack([self.backbone.class_logits_with(self.adapter, w, batch) for w in points])
-                log_p = torch.logsumexp(torch.log_softmax(logits.double(), -1), 0) - math.log(len(points))
+                logits = torch.stack([self.backbone.class_logits_with(self.adapter, w, batch) for w in points], 1)
+                log_p = log_predictive(logits)
                 total -= log_p.gather(1, batch["labels"].to(log_p.device)[:, None]).sum().item()
                 n += len(batch["labels"])
         return total / max(1, n)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {f"{i}/{k}": v for i, point in enumerate(self.curve.values()) for k, v in point.items()}
+        return {k: v.detach().clone() for k, v in self.curve.state_dict().items()}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
-        values: list[Weights] = [{} for _ in range(self.curve.num_points)]
-        for key, v in state.items():
-            i, name = key.split("/", 1)
-            values[int(i)][name] = v
-        self.curve.load_values(values)
+        self.curve.load_state_dict(state)
 
 
 class LoraCurve(Posterior):

@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .data import EncodedSplit, make_loader
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .backbone import Backbone
-    from .data import EncodedSplit
 
 PATH_COLUMNS = ["path", "t", "split", "loss", "acc", "n_examples"]
 
@@ -63,8 +63,6 @@ def path_times(points: int) -> list[float]:
 def evaluate_paths(backbone: Backbone, paths: Mapping[str, WeightPath], splits: Mapping[str, EncodedSplit],
                    settings: PathSettings) -> pd.DataFrame:
     """One row per (path, t, split): mean NLL and accuracy of the single weight point phi(t)."""
-    from .data import make_loader
-
     settings.check()
     times = path_times(settings.points)
     rows = []

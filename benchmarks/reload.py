@@ -47,7 +47,7 @@ def reload_run(run_dir: str | Path) -> ReloadedRun:
     backbone = load_backbone(model)
     lora = getattr(method_config, "lora", None)
     trunk = backbone.configure_trunk_cache(model.trunk_cache, lora if isinstance(lora, LoraSettings) else None)
-    if trunk is not None and trunk_cache_file(run_dir.parent.parent, trunk).exists():
+    if trunk is not None:  # a missing file is a no-op
         trunk.load(trunk_cache_file(run_dir.parent.parent, trunk))
     data = build_dataclass(DataSettings, config["data"], "data")
     task = DataCache().get(backbone, config["dataset"]["name"], data)
