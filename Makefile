@@ -23,6 +23,7 @@ assets: setup
 demo: assets
 	$(BIN)/bayeslora run $(SUITE) --out $(OUT) $(foreach kv,$(SET),--set $(kv))
 	$(BIN)/bayeslora leaderboard $(OUT)
+	$(BIN)/bayeslora report $(OUT) -o $(OUT)/report.html
 
 test: assets
 	$(BIN)/python -m pytest -q

@@ -49,18 +49,28 @@ def uncertainty(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"entropy": total, "expected_entropy": expected, "mi": (total - expected).clamp(min=0.0)}
 
 
+def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = N_BINS) -> dict[str, torch.Tensor]:
+    """Per-bin count, mean confidence and accuracy (float64, length n_bins + 1; empty bins hold NaN).
+
+    Equal-width bins: bin b holds confidences in [b/n, (b+1)/n); a confidence of exactly 1.0 falls in
+    a bin of its own (the last entry). This is torchmetrics' binning, so the ECE built on it agrees."""
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(confidence.double(), edges, right=True) - 1
+    count = torch.bincount(idx, minlength=n_bins + 1).double()
+    conf_sum = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, confidence.double())
+    correct_sum = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, correct.double())
+    nonempty = count > 0
+    nan = torch.full_like(count, float("nan"))
+    return {"count": count, "confidence": torch.where(nonempty, conf_sum / count.clamp(min=1), nan),
+            "accuracy": torch.where(nonempty, correct_sum / count.clamp(min=1), nan), "edges": edges}
+
+
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = N_BINS) -> float:
-    """Equal-width bins: bin b holds confidences in [b/n, (b+1)/n); a confidence of exactly 1.0
-    falls in a bin of its own. This is torchmetrics' binning, so the two values agree exactly."""
-    bins = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype)
-    idx = torch.bucketize(confidence, bins, right=True) - 1
-    ece = torch.zeros((), dtype=torch.float64)
-    n = confidence.numel()
-    for b in range(n_bins + 1):
-        in_bin = idx == b
-        if in_bin.any():
-            ece += in_bin.sum() / n * (correct[in_bin].double().mean() - confidence[in_bin].double().mean()).abs()
-    return float(ece)
+    """ECE = sum_b |B_b|/N |acc(B_b) - conf(B_b)| over :func:`reliability_bins`."""
+    bins = reliability_bins(confidence, correct, n_bins)
+    nonempty = bins["count"] > 0
+    gap = (bins["accuracy"] - bins["confidence"]).abs()[nonempty]
+    return float((bins["count"][nonempty] / confidence.numel() * gap).sum())
 
 
 def risk_coverage(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command: methods, assets, run, leaderboard, profile, path."""
+"""The ``bayeslora`` command: methods, assets, run, leaderboard, report, profile, path."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import sys
 
 from bayeslora import BayesLoraError, ConfigError, available_methods
+
+FORMATS = ("md", "csv", "latex")
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -38,17 +40,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .leaderboard import build_leaderboard
 
     _, markdown = build_leaderboard(args.dir)
-    print(markdown)
-    print(f"written: {args.dir}/leaderboard.md, {args.dir}/leaderboard.csv")
+    out = Path(args.dir)
+    shown = {"md": markdown, "csv": (out / "leaderboard.csv").read_text(),
+             "latex": (out / "leaderboard.tex").read_text()}[args.format]
+    print(shown)
+    print(f"written: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.tex'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    files = build_report(args.dir, args.output, reference=args.reference)
+    for note in files.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"report: {files.html}")
+    print(f"markdown: {files.markdown}")
     return 0
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from .leaderboard import format_seconds, phase_comparison, phase_table, to_markdown
+    from .leaderboard import format_seconds, phase_comparison, phase_table
     from .store import results_table
+    from .tables import to_markdown
 
     tables = [results_table(d) for d in args.dirs]
     for d, df in zip(args.dirs, tables, strict=True):
@@ -70,9 +89,9 @@ def _cmd_path(args: argparse.Namespace) -> int:
     from bayeslora.config import build_dataclass
     from bayeslora.paths import PathSettings, barrier_table
 
-    from .leaderboard import to_markdown
     from .reload import reload_run
     from .runner import run_path_analysis
+    from .tables import to_markdown
 
     values = {"points": args.points, "splits": args.splits, "max_examples": args.max_examples,
               "batch_size": args.batch_size}
@@ -101,7 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     board = sub.add_parser("leaderboard", help="aggregate a results folder over seeds")
     board.add_argument("dir", help="output folder of `bayeslora run`")
+    board.add_argument("--format", choices=FORMATS, default="md",
+                       help="what to print: md (default), csv, or latex (booktabs tables for a paper); "
+                            "all three files are written either way")
     board.set_defaults(func=_cmd_leaderboard)
+    report = sub.add_parser("report", help="one self-contained HTML comparison report (and a Markdown twin)")
+    report.add_argument("dir", help="output folder of `bayeslora run`")
+    report.add_argument("-o", "--output", help="HTML file to write (default DIR/report.html); the Markdown twin "
+                                               "goes beside it as .md with its figures in <name>_files/")
+    report.add_argument("--reference", default="map", help="method the paired comparison is against (default map)")
+    report.set_defaults(func=_cmd_report)
     prof = sub.add_parser("profile", help="seconds per phase of a results folder, or two compared")
     prof.add_argument("dirs", nargs="+", help="one output folder, or two (before, after) for a speed-up table")
     prof.set_defaults(func=_cmd_profile)

@@ -2,7 +2,10 @@
 per-phase time profile of the suite.
 
 For each metric m over the n seeds: mean, sample std (ddof=1; 0 for a single seed) and the 95%
-confidence half-width t_{0.975, n-1} * std / sqrt(n). Rows are ranked by NLL within each group.
+confidence half-width t_{0.975, n-1} * std / sqrt(n). Rows are ranked by NLL within each group, and
+the best mean of each quality metric is marked (ties all marked). Each group's table is preceded by
+its evaluation protocol. Formats: Markdown (leaderboard.md), CSV (leaderboard.csv, the numbers)
+and LaTeX (leaderboard.tex, booktabs table fragments).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from scipy import stats
 from bayeslora.profiling import PHASES
 
 from .store import results_table
+from .tables import to_latex, to_markdown
 
 GROUP = ["model", "dataset", "eval_set", "method"]
 SHOWN = ["acc", "ece", "nll", "brier", "mi", "aurc", "ood_auroc_mi", "ood_auroc_entropy"]
 COSTS = ["trainable_params", "posterior_params", "fit_seconds", "predict_seconds", "forward_passes", "peak_mem_mb"]
 LOWER_IS_BETTER = {"ece", "nll", "brier", "aurc"}
+HIGHER_IS_BETTER = {"acc", "acc_at_80_coverage", "ood_auroc_mi", "ood_auroc_entropy"}
 
 
 def aggregate(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
@@ -37,14 +42,24 @@ def aggregate(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFram
     return out.sort_values(["model", "dataset", "eval_set", sort_key], kind="stable").reset_index(drop=True)
 
 
-def _fmt(mean: float, std: float, metric: str) -> str:
+MISSING = "–"
+HEADERS = {"n_seeds": "seeds", "acc": "acc ↑", "ece": "ECE ↓", "nll": "NLL ↓", "brier": "Brier ↓", "mi": "MI",
+           "aurc": "AURC ↓", "acc_at_80_coverage": "acc@80% ↑", "ood_auroc_mi": "OOD AUROC (MI) ↑",
+           "ood_auroc_entropy": "OOD AUROC (H) ↑", "trainable_params": "trainable params",
+           "posterior_params": "posterior params", "fit_seconds": "fit s", "predict_seconds": "predict s",
+           "forward_passes": "passes / example", "peak_mem_mb": "peak MB"}
+
+
+def format_cell(mean: float, std: float, metric: str, n_seeds: int) -> str:
+    """'mean ± std' (no ± for a single seed); MI in scientific notation, its values being small."""
     if pd.isna(mean):
-        return "–"
+        return MISSING
     if metric in ("trainable_params", "posterior_params", "forward_passes"):
         return f"{mean:,.0f}"
     if metric in ("fit_seconds", "predict_seconds", "peak_mem_mb"):
         return f"{mean:.1f}"
-    return f"{mean:.4f} ± {std:.4f}"
+    spec = ".2e" if metric == "mi" else ".4f"
+    return f"{mean:{spec}}" if n_seeds < 2 else f"{mean:{spec}} ± {std:{spec}}"
 
 
 def display_table(agg: pd.DataFrame) -> pd.DataFrame:
@@ -52,19 +67,71 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     cols = [m for m in SHOWN + COSTS if f"{m}_mean" in agg.columns]
     table = agg[GROUP + ["n_seeds"]].copy()
     for m in cols:
-        table[m] = [_fmt(a, b, m) for a, b in zip(agg[f"{m}_mean"], agg[f"{m}_std"], strict=True)]
+        table[m] = [format_cell(a, b, m, n)
+                    for a, b, n in zip(agg[f"{m}_mean"], agg[f"{m}_std"], agg["n_seeds"], strict=True)]
     return table
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    sep = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, sep, *body]) + "\n"
+def best_marks(agg: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """True where a cell of ``table`` (display_table of ``agg``, same rows) holds the best mean of
+    its quality metric among the rows; MI and costs are not ranked."""
+    marks = pd.DataFrame(False, index=table.index, columns=table.columns)
+    for m in table.columns:
+        if m not in LOWER_IS_BETTER | HIGHER_IS_BETTER or f"{m}_mean" not in agg.columns:
+            continue
+        values = agg.loc[table.index, f"{m}_mean"]
+        if values.notna().sum() < 2:
+            continue
+        best = values.min() if m in LOWER_IS_BETTER else values.max()
+        marks[m] = (values - best).abs() <= 1e-12
+    return marks
+
+
+def protocol_line(rows: pd.DataFrame) -> str:
+    """The evaluation protocol of one (model, dataset, eval set) group, from its result rows."""
+    def values(col: str) -> str:
+        if col not in rows.columns:
+            return "?"
+        found = list(rows[col].dropna().unique())
+        try:
+            found.sort()
+        except TypeError:
+            found.sort(key=str)
+        return ", ".join(str(v) for v in found) or "?"
+    return (f"split {values('split')}; N = {values('n_examples')} examples; S = {values('num_samples')} samples; "
+            f"ECE with {values('n_bins')} equal-width bins; prompt template {values('template')}; "
+            f"answer options: {values('k_policy')}; data {values('protocol')}")
+
+
+def leaderboard_groups(df: pd.DataFrame, agg: pd.DataFrame):
+    """(model, dataset, eval set), protocol line, display table and best-cell marks per group."""
+    table = display_table(agg)
+    for keys, group in table.groupby(["model", "dataset", "eval_set"], sort=False):
+        rows = df[(df.model == keys[0]) & (df.dataset == keys[1]) & (df.eval_set == keys[2])]
+        shown = group.drop(columns=["model", "dataset", "eval_set"])
+        shown = shown.loc[:, [c for c in shown.columns if not (shown[c] == MISSING).all()]]
+        marks = best_marks(agg, shown)
+        yield keys, protocol_line(rows), shown.rename(columns=HEADERS), marks.rename(columns=HEADERS)
+
+
+def group_title(keys: tuple[str, str, str]) -> str:
+    model, dataset, eval_set = keys
+    where = "in distribution" if dataset == eval_set else "out of distribution"
+    return f"{model} · trained on {dataset} · evaluated on {eval_set} ({where})"
+
+
+def leaderboard_latex(df: pd.DataFrame, agg: pd.DataFrame) -> str:
+    """One booktabs table per group, captioned with its title and protocol."""
+    parts = ["% bayeslora leaderboard: mean ± std over seeds, best in bold. "
+             "Needs \\usepackage{booktabs} and \\usepackage{graphicx}.\n"]
+    for i, (keys, protocol, table, marks) in enumerate(leaderboard_groups(df, agg)):
+        parts.append(to_latex(table, marks, caption=f"{group_title(keys)}. {protocol}.",
+                              label=f"tab:{keys[1]}-{keys[2]}-{i}".replace("_", "-")))
+    return "\n".join(parts)
 
 
 def build_leaderboard(out_dir: str | Path) -> tuple[pd.DataFrame, str]:
-    """Aggregate OUT/results.csv's rows and write OUT/leaderboard.csv and OUT/leaderboard.md."""
+    """Aggregate OUT/results.csv's rows and write OUT/leaderboard.{csv,md,tex} (and profile.csv)."""
     out_dir = Path(out_dir)
     df = results_table(out_dir)
     if df.empty:
@@ -72,12 +139,12 @@ def build_leaderboard(out_dir: str | Path) -> tuple[pd.DataFrame, str]:
     agg = aggregate(df)
     agg.to_csv(out_dir / "leaderboard.csv", index=False)
     parts = [f"# Leaderboard: {out_dir.name}\n",
-             "Mean ± std over seeds; ranked by NLL within each (model, dataset, eval set). "
-             "Costs: parameters, seconds, backbone forward passes per example at prediction, peak memory (MB).\n"]
-    table = display_table(agg)
-    for keys, group in table.groupby(["model", "dataset", "eval_set"], sort=False):
-        parts.append(f"\n## {keys[0]} · trained on {keys[1]} · evaluated on {keys[2]}\n")
-        parts.append(to_markdown(group.drop(columns=["model", "dataset", "eval_set"])))
+             "Mean ± std over seeds; ranked by NLL within each (model, dataset, eval set); best value per "
+             "quality column in bold. Costs: parameters, seconds, backbone forward passes per example at "
+             "prediction, peak memory (MB).\n"]
+    for keys, protocol, table, marks in leaderboard_groups(df, agg):
+        parts.append(f"\n## {group_title(keys)}\n\nProtocol: {protocol}.\n\n")
+        parts.append(to_markdown(table, marks))
     profile = phase_table(df)
     if not profile.empty:
         parts.append("\n## Where the time went (seconds per phase, summed over runs)\n")
@@ -87,6 +154,7 @@ def build_leaderboard(out_dir: str | Path) -> tuple[pd.DataFrame, str]:
         profile.to_csv(out_dir / "profile.csv", index=False)
     markdown = "".join(parts)
     (out_dir / "leaderboard.md").write_text(markdown)
+    (out_dir / "leaderboard.tex").write_text(leaderboard_latex(df, agg))
     return agg, markdown
 
 

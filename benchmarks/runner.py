@@ -10,7 +10,8 @@ Output layout (every run written atomically: a temporary folder renamed into pla
     OUT/runs/<run-id>/path.csv             loss/acc along weight-space paths (suite ``path:``, see bayeslora.paths)
     OUT/runs/<run-id>/log.txt              the run's log
     OUT/cache/                             shared artifacts (MAP adapters, trunk hidden states, ...)
-    OUT/results.csv, OUT/results.parquet   every finished run's rows
+    OUT/results.csv, OUT/results.parquet   every finished run's rows (runs of this suite only)
+    OUT/manifest.json                      the suite's run ids (older runs' folders stay, out of results)
 
 A run whose folder holds metrics.json is skipped, so an interrupted suite resumes where it stopped.
 Each run's rows carry its per-phase profile (``time_<phase>`` columns, exclusive seconds).
@@ -42,7 +43,7 @@ from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
 from bayeslora.profiling import PHASES, PhaseProfile, phase, recording
 from bayeslora.trunk import TrunkCache
 
-from .store import write_results
+from .store import stale_runs, write_manifest, write_results
 from .suite import RunSpec, Suite, has_paths
 
 log = logging.getLogger("bayeslora.runner")
@@ -120,6 +121,11 @@ class Runner:
         for stale in (self.out / "runs").glob(".tmp-*"):  # left by a killed run; its results were never final
             shutil.rmtree(stale, ignore_errors=True)
         (self.out / "suite.yaml").write_text(yaml.safe_dump(self.suite.raw, sort_keys=False))
+        write_manifest(self.out, self.suite.name, [s.run_id for s in self.suite.runs])
+        stale = stale_runs(self.out)
+        if stale:
+            log.warning("%d finished run folders under %s/runs are not in this suite (its settings changed); "
+                        "they stay on disk but are left out of results.csv", len(stale), self.out)
         executed = []
         todo = [s for s in self.suite.runs if not self.is_done(s)]
         log.info("%d runs in suite %s, %d already finished", len(self.suite.runs), self.suite.name,

@@ -1,7 +1,10 @@
 """The results store: one pandas table of every finished run's metric rows (csv + parquet).
 
 The table is rebuilt from ``runs/*/metrics.json`` after every run, so it always matches what is on
-disk, whatever order runs finished in and however often a suite was interrupted.
+disk, whatever order runs finished in and however often a suite was interrupted. When the suite
+changes (a new OOD set, another learning rate), its run ids change; the folders of runs that are no
+longer in the suite stay on disk (nothing computed is deleted) but are left out of the table: the
+runner records the suite's run ids in ``OUT/manifest.json`` and the table keeps only those.
 """
 
 from __future__ import annotations
@@ -20,10 +23,38 @@ COST_COLUMNS = ["fit_seconds", "predict_seconds", "peak_mem_mb", "trainable_para
 PROTOCOL_COLUMNS = ["template", "protocol", "n_bins", "k_policy", "suite", "run_id"]
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(out_dir: str | Path, suite: str, run_ids: list[str]) -> None:
+    """Record which run folders belong to the suite last run into ``out_dir``."""
+    path = Path(out_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps({"suite": suite, "run_ids": list(run_ids)}, indent=1))
+    os.replace(tmp, path)
+
+
+def suite_run_ids(out_dir: str | Path) -> set[str] | None:
+    """The run ids of the suite last run into ``out_dir``; None for a folder without a manifest."""
+    path = Path(out_dir) / MANIFEST
+    return set(json.loads(path.read_text())["run_ids"]) if path.exists() else None
+
+
+def stale_runs(out_dir: str | Path) -> list[str]:
+    """Finished run folders that are not part of the current suite (kept on disk, left out of results)."""
+    wanted = suite_run_ids(out_dir)
+    if wanted is None:
+        return []
+    return sorted(p.parent.name for p in Path(out_dir, "runs").glob("*/metrics.json") if p.parent.name not in wanted)
+
+
 def read_rows(out_dir: str | Path) -> list[dict]:
+    """Every metric row of the finished runs that belong to the current suite (all runs without a manifest)."""
+    wanted = suite_run_ids(out_dir)
     rows = []
     for path in sorted(Path(out_dir, "runs").glob("*/metrics.json")):
-        rows.extend(json.loads(path.read_text())["rows"])
+        if wanted is None or path.parent.name in wanted:
+            rows.extend(json.loads(path.read_text())["rows"])
     return rows
 
 

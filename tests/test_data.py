@@ -68,7 +68,7 @@ def test_rows_in_wrong_schema_name_the_missing_field(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["sst2", "boolq", "wg_s", "arc_easy", "arc_challenge", "obqa"])
+@pytest.mark.parametrize("name", ["sst2", "sst2_as_boolq", "boolq", "wg_s", "arc_easy", "arc_challenge", "obqa"])
 def test_offline_splits_are_disjoint_and_deterministic(name):
     settings = DataSettings(max_test=100)
     a, b = load_task_splits(get_task(name), settings), load_task_splits(get_task(name), settings)
@@ -79,3 +79,14 @@ def test_offline_splits_are_disjoint_and_deterministic(name):
     assert all(0 <= e.label < len(e.answers) for e in a.train + a.test)
     other = load_task_splits(get_task(name), DataSettings(max_test=100, split_seed=1))
     assert ids(other.test) != ids(a.test)
+
+
+@pytest.mark.integration
+def test_sst2_as_boolq_poses_the_sst2_test_sentences_in_boolq_form():
+    settings = DataSettings(max_test=20)
+    shifted = load_task_splits(get_task("sst2_as_boolq"), settings).test
+    sst2 = load_task_splits(get_task("sst2"), settings).test
+    boolq = load_task_splits(get_task("boolq"), settings).test
+    assert [e.passage for e in shifted] == [e.passage for e in sst2]
+    assert [e.label for e in shifted] == [e.label for e in sst2]
+    assert all(e.answers == boolq[0].answers and e.head == boolq[0].head for e in shifted)

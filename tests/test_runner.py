@@ -56,6 +56,8 @@ def test_runner_writes_layout_results_and_resumes(tmp_path):
     assert pred["logits"].dtype == torch.float32 and pred["logits"].ndim == 3 and pred["labels"].dtype == torch.int64
     assert len(pred["example_ids"]) == pred["logits"].shape[0] == 12
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_id"] == run_dir.name
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["suite"] == "tiny" and sorted(manifest["run_ids"]) == sorted(df.run_id.unique())
     # the MAP adapter was trained once per seed and cached
     assert len(list((tmp_path / "cache" / "map_adapter").glob("*.pt"))) == 2
     # a second invocation finds everything done
@@ -70,6 +72,11 @@ def test_new_method_reuses_cached_map_adapter(tmp_path):
            tmp_path).run()
     df = pd.read_csv(tmp_path / "results.csv")
     assert df.set_index("method").loc["map-again", "reused_cache"].all()
+    # a changed suite setting gives new run ids; the old runs stay on disk but leave the results
+    Runner(parse_suite(tiny_suite(methods=["map"], seeds=[0], num_samples=2)), tmp_path).run()
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert set(df.method) == {"map"} and len(df.run_id.unique()) == 1
+    assert len(list(tmp_path.glob("runs/*/metrics.json"))) == 3
 
 
 def test_leaderboard_cli_aggregates_over_seeds(tmp_path, capsys):

@@ -106,6 +106,16 @@ def sst2_row(row: dict[str, Any], idx: int) -> Example:
                    int(row["label"]))
 
 
+def sst2_as_boolq_row(row: dict[str, Any], idx: int) -> Example:
+    """An SST-2 sentence in BoolQ's prompt and answer words: a shifted input distribution (one-line
+    movie reviews instead of Wikipedia passages, one fixed question) for models fine-tuned on BoolQ.
+    Classes as BoolQ's: 0 = false (negative review), 1 = true (positive review)."""
+    ex_id = f"sst2-as-boolq-{row.get('idx', idx)}"
+    return Example(ex_id, INSTRUCTION + "Passage: ", row["sentence"].strip(),
+                   "\nQuestion: is this movie review positive?\nAnswer (true or false):", (" false", " true"),
+                   int(row["label"]))
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A named task: how to read a row, how many answer options, and where its data lives.
@@ -142,6 +152,9 @@ TASKS: dict[str, TaskSpec] = {
                  {"pool": ("disk", "boolq/none/validation")}),
         TaskSpec("sst2", sst2_row, 2, ("nyu-mll/glue", "sst2", {"train": "train", "test": "validation"}),
                  {"pool": ("disk", "glue/sst2/validation")}, template="review-sentiment"),
+        TaskSpec("sst2_as_boolq", sst2_as_boolq_row, 2,
+                 ("nyu-mll/glue", "sst2", {"train": "train", "test": "validation"}),
+                 {"pool": ("disk", "glue/sst2/validation")}, template="robeyns-boolq-passage"),
         TaskSpec("mmlu_college_chemistry", mmlu_row, 4, ("cais/mmlu", "college_chemistry",
                  {"train": "dev", "val": "validation", "test": "test"}),
                  {"train": ("disk", "hails/mmlu_no_train/college_chemistry/dev"),

@@ -1,0 +1,308 @@
+"""The comparison report of a results folder: ``bayeslora report OUT -o OUT/report.html``.
+
+Sections: what is missing; the leaderboard per (model, dataset, eval set) with its protocol;
+paired differences against MAP; reliability diagrams; selective prediction; metrics against the
+number of samples S; MI / entropy histograms in vs out of distribution; loss and accuracy along
+weight-space paths (runs with path.csv); where the time went; the suite as run. Whatever subset of
+methods, datasets and files is present is drawn, and each absent part is named in a note instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from bayeslora import ConfigError
+from bayeslora.metrics import expected_calibration_error
+from bayeslora.paths import barrier_table
+
+from . import figures
+from .analysis import (
+    RunPredictive,
+    by_run,
+    confidence_and_correct,
+    coverage_curve,
+    load_predictives,
+    metrics_vs_samples,
+    pooled_reliability,
+    uncertainty_scores,
+)
+from .leaderboard import aggregate, format_seconds, group_title, leaderboard_groups, phase_table
+from .pairwise import ALPHA, COMPARED, pairwise_table, significance_marks
+from .report_render import Code, Figure, Note, Section, Table, Text, render_html, render_markdown
+from .store import results_table, suite_run_ids
+from .suite import parse_suite
+
+log = logging.getLogger("bayeslora.report")
+GROUP_KEYS = ["model", "dataset", "eval_set"]
+
+
+@dataclass
+class ReportFiles:
+    html: Path
+    markdown: Path
+    notes: list[str]
+
+
+def _slug(*parts: object) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
+
+
+class ReportBuilder:
+    """Collects a results folder's tables, predictives and path files, and turns them into sections."""
+
+    def __init__(self, out_dir: Path, reference: str = "map"):
+        self.out = out_dir
+        self.reference = reference
+        self.results = results_table(out_dir)
+        if self.results.empty:
+            raise FileNotFoundError(f"no finished runs under {out_dir}/runs; run `bayeslora run SUITE --out {out_dir}`")
+        self.predictives, missing_files = load_predictives(out_dir, self.results)
+        self.index = by_run(self.predictives)
+        self.methods = list(dict.fromkeys(self.results.method))
+        self.colors = figures.method_colors(self.methods)
+        self.notes: list[str] = [f"Predictive file missing, left out of the figures: {m}" for m in missing_files]
+
+    # -- helpers -------------------------------------------------------------------------------
+    def groups(self):
+        """(model, dataset, eval set) and its result rows."""
+        yield from self.results.groupby(GROUP_KEYS, sort=False)
+
+    def method_predictives(self, keys: tuple[str, str, str], rows: pd.DataFrame) -> dict[str, list[RunPredictive]]:
+        """Predictives of one group, per method (all seeds)."""
+        out: dict[str, list[RunPredictive]] = {}
+        for row in rows.itertuples(index=False):
+            found = self.index.get((*keys, row.method, int(row.seed)))
+            if found is not None:
+                out.setdefault(row.method, []).append(found)
+        return out
+
+    def n_bins(self, rows: pd.DataFrame) -> int:
+        return int(rows["n_bins"].iloc[0]) if "n_bins" in rows.columns else 15
+
+    # -- sections --------------------------------------------------------------------------------
+    def missing_runs(self) -> list[str]:
+        wanted = suite_run_ids(self.out)
+        if wanted is None:
+            return []
+        done = set(self.results.run_id)
+        lost = sorted(wanted - done)
+        if not lost:
+            return []
+        titles = self._run_titles()
+        named = [titles.get(r, r) for r in lost]
+        return [f"{len(lost)} of the suite's {len(wanted)} runs have not finished (run `bayeslora run` again to "
+                f"resume): " + "; ".join(named)]
+
+    def _run_titles(self) -> dict[str, str]:
+        suite_file = self.out / "suite.yaml"
+        if not suite_file.exists():
+            return {}
+        try:
+            suite = parse_suite(yaml.safe_load(suite_file.read_text()))
+        except Exception as exc:  # the titles are a courtesy: a suite that no longer parses keeps the ids
+            log.warning("could not read %s for run titles: %s", suite_file, exc)
+            return {}
+        return {s.run_id: s.title for s in suite.runs}
+
+    def leaderboard_section(self) -> Section:
+        agg = aggregate(self.results)
+        section = Section("Leaderboard", [Text(
+            "Mean ± std over seeds (no ± where a method ran one seed), ranked by NLL; the best value of each "
+            "quality column is in bold. Costs: trainable parameters, posterior (extra) parameters, fit and "
+            "predict seconds, backbone forward passes per example at prediction, peak memory in MB. The full "
+            "numbers with 95% t-intervals are in leaderboard.csv.")])
+        for keys, protocol, table, marks in leaderboard_groups(self.results, agg):
+            section.blocks += [Text(f"{group_title(keys)}. Protocol: {protocol}."), Table(table, marks)]
+        return section
+
+    def pairwise_section(self) -> Section:
+        section = Section(f"Paired comparison with {self.reference}")
+        table = pairwise_table(self.results, self.predictives, reference=self.reference)
+        if table.empty:
+            section.blocks.append(Note(f"No {self.reference} runs to pair with in this folder, so there is no "
+                                       f"paired comparison; add `{self.reference}` to the suite's methods."))
+            self.notes.append(f"paired comparison skipped: no {self.reference} runs")
+            return section
+        section.blocks.append(Text(
+            f"Differences method − {self.reference} on runs paired by seed (mean ± std over the n paired seeds). "
+            f"* : paired t-test over seeds, p < {ALPHA}. † (NLL only): Wilcoxon signed-rank test over test "
+            f"examples of the per-example NLL difference (averaged over the paired seeds), p < {ALPHA}; it "
+            f"applies to single-seed methods too. No correction for multiple comparisons."))
+        for keys, rows in table.groupby(GROUP_KEYS, sort=False):
+            shown = pd.DataFrame({"method": rows.method, "paired seeds": rows.n_pairs})
+            for m in COMPARED:
+                if f"delta_{m}_mean" in rows.columns:
+                    shown[f"Δ{m}"] = [
+                        f"{r[f'delta_{m}_mean']:+.4f}" + (f" ± {r[f'delta_{m}_std']:.4f}" if r.n_pairs > 1 else "")
+                        + significance_marks(r, m) for _, r in rows.iterrows()]
+            shown["p (seeds, NLL)"] = [_p(v) for v in rows.get("p_seeds_nll", pd.Series(float("nan"), rows.index))]
+            shown["p (examples, NLL)"] = [_p(v) for v in rows.get("p_examples_nll",
+                                                                  pd.Series(float("nan"), rows.index))]
+            section.blocks += [Text(group_title(keys) + "."), Table(shown.reset_index(drop=True))]
+        return section
+
+    def reliability_section(self) -> Section:
+        section = Section("Reliability diagrams", [Text(
+            "Accuracy per bin of top-label confidence (equal-width bins, the ECE's binning), pooled over seeds; "
+            "red: the gap to the diagonal; grey: the share of examples in each bin.")])
+        for keys, rows in self.groups():
+            per_method = self.method_predictives(keys, rows)
+            if not per_method:
+                continue
+            n_bins = self.n_bins(rows)
+            panels = {}
+            for method, runs in per_method.items():
+                preds = [r.predictive for r in runs]
+                conf, correct = zip(*(confidence_and_correct(p.logits, p.labels) for p in preds), strict=True)
+                ece = expected_calibration_error(torch.cat(conf), torch.cat(correct), n_bins)
+                panels[method] = (pooled_reliability(preds, n_bins), ece)
+            fig = figures.reliability_figure(panels, group_title(keys))
+            section.blocks.append(Figure(_slug("reliability", *keys), figures.png_bytes(fig),
+                                         f"Reliability diagrams: {group_title(keys)}"))
+        return section
+
+    def selective_section(self) -> Section:
+        section = Section("Selective prediction", [Text(
+            "Accuracy on the most confident fraction of the examples (the rest abstained on), averaged over seeds. "
+            "The area under the matching risk curve is the leaderboard's AURC.")])
+        for keys, rows in self.groups():
+            per_method = self.method_predictives(keys, rows)
+            if not per_method:
+                continue
+            curves = {m: coverage_curve([r.predictive for r in runs]) for m, runs in per_method.items()}
+            fig = figures.coverage_figure(curves, self.colors, group_title(keys))
+            section.blocks.append(Figure(_slug("coverage", *keys), figures.png_bytes(fig),
+                                         f"Accuracy against coverage: {group_title(keys)}"))
+        return section
+
+    def samples_section(self) -> Section:
+        section = Section("Metrics against the number of samples", [Text(
+            "Accuracy, ECE and NLL of the predictive built from s of the S stored samples (evenly spaced sample "
+            "indices; for lora_curve's grid that is a coarser grid over the same range), mean over seeds. "
+            "Deterministic methods (S = 1) are not drawn.")])
+        drawn = False
+        for keys, rows in self.groups():
+            sampling = rows[rows.num_samples > 1]
+            per_method = self.method_predictives(keys, sampling)
+            if not per_method:
+                continue
+            tables = {m: metrics_vs_samples([r.predictive for r in runs], self.n_bins(rows))
+                      for m, runs in per_method.items()}
+            fig = figures.samples_figure(tables, self.colors, group_title(keys))
+            section.blocks.append(Figure(_slug("samples", *keys), figures.png_bytes(fig),
+                                         f"Accuracy / ECE / NLL against S: {group_title(keys)}"))
+            drawn = True
+        if not drawn:
+            section.blocks.append(Note("No sampling method (S > 1) in this folder."))
+            self.notes.append("metrics-vs-S plots skipped: no sampling method (S > 1)")
+        return section
+
+    def ood_section(self) -> Section:
+        section = Section("Out-of-distribution detection", [Text(
+            "Per-example mutual information (epistemic) and predictive entropy (total uncertainty) on the "
+            "in-distribution test set and on each OOD set, all seeds pooled; AUROC of the score for telling OOD "
+            "(positive) from in-distribution examples, as in the leaderboard's ood_auroc columns (mean over seeds).")])
+        ood = self.results[self.results.dataset != self.results.eval_set]
+        if ood.empty:
+            section.blocks.append(Note("No out-of-distribution evaluation sets in this folder: give a dataset "
+                                       "`ood: [...]` in the suite (e.g. `{name: obqa, ood: [arc_challenge]}`)."))
+            self.notes.append("OOD histograms skipped: no OOD evaluation sets")
+            return section
+        for (model, dataset, eval_set), rows in ood.groupby(GROUP_KEYS, sort=False):
+            panels = {}
+            for method, method_rows in rows.groupby("method", sort=False):
+                seeds = [int(s) for s in method_rows.seed]
+                id_runs = [self.index.get((model, dataset, dataset, method, s)) for s in seeds]
+                ood_runs = [self.index.get((model, dataset, eval_set, method, s)) for s in seeds]
+                if any(r is None for r in id_runs + ood_runs):
+                    continue
+                id_u = uncertainty_scores([r.predictive for r in id_runs])
+                ood_u = uncertainty_scores([r.predictive for r in ood_runs])
+                panels[method] = {score: (id_u[score], ood_u[score], float(method_rows[f"ood_auroc_{score}"].mean()))
+                                  for score in ("mi", "entropy")}
+            if panels:
+                title = f"{model} · trained on {dataset} · in distribution {dataset} vs OOD {eval_set}"
+                fig = figures.uncertainty_histograms(panels, title, dataset, eval_set)
+                section.blocks.append(Figure(_slug("ood", model, dataset, eval_set), figures.png_bytes(fig), title))
+        return section
+
+    def paths_section(self) -> Section:
+        section = Section("Weight-space paths", [Text(
+            "Mean loss and accuracy along each path of a run with path analysis: `linear` is the straight line "
+            "between the end anchors, `curve` the trained curve (lora_curve). Barrier = max loss along the path − "
+            "max of its end losses.")])
+        found = False
+        runs = self.results.drop_duplicates("run_id")
+        for row in runs.itertuples(index=False):
+            path_file = self.out / "runs" / row.run_id / "path.csv"
+            if not path_file.exists():
+                continue
+            table = pd.read_csv(path_file)
+            title = f"{row.method} · {row.dataset} · seed {row.seed}"
+            fig = figures.path_figure(table, title)
+            section.blocks += [Figure(_slug("path", row.method, row.dataset, row.seed), figures.png_bytes(fig),
+                                      f"Loss and accuracy along the paths: {title}"),
+                               Table(barrier_table(table).round(4), caption=f"Barrier heights: {title}")]
+            found = True
+        if not found:
+            section.blocks.append(Note("No path.csv in any run: add `path: {methods: [lora_curve]}` to the suite, "
+                                       "or run `bayeslora path OUT/runs/<run-id>` on a lora_curve run."))
+            self.notes.append("path plots skipped: no run has path.csv")
+        return section
+
+    def cost_section(self) -> Section:
+        section = Section("Where the time went")
+        profile = phase_table(self.results)
+        if profile.empty:
+            section.blocks.append(Note("These runs carry no per-phase profile (time_* columns)."))
+        else:
+            section.blocks += [Text("Exclusive wall-clock seconds per phase, summed over each method's runs."),
+                               Table(format_seconds(profile))]
+        return section
+
+    def suite_section(self) -> Section:
+        suite_file = self.out / "suite.yaml"
+        if not suite_file.exists():
+            return Section("The suite as run", [Note("suite.yaml is missing from this folder.")])
+        return Section("The suite as run", [Code(suite_file.read_text())])
+
+    def build(self) -> tuple[str, list[Section]]:
+        body = [self.leaderboard_section(), self.pairwise_section(), self.reliability_section(),
+                self.selective_section(), self.samples_section(), self.ood_section(), self.paths_section(),
+                self.cost_section(), self.suite_section()]
+        self.notes = self.missing_runs() + self.notes
+        n_runs = self.results.run_id.nunique()
+        overview = Section("Overview", [Text(
+            f"{n_runs} runs: {len(self.methods)} methods ({', '.join(self.methods)}) on "
+            f"{', '.join(dict.fromkeys(self.results.dataset))}, models {', '.join(dict.fromkeys(self.results.model))}. "
+            f"Every number and figure is computed from this folder's runs/*/metrics.json and predictive files.")])
+        overview.blocks += [Note(n) for n in self.notes] or [Text("Nothing is missing: every section is drawn.")]
+        suite = self.results.suite.iloc[0] if "suite" in self.results.columns else self.out.name
+        return f"bayeslora report: {suite}", [overview, *body]
+
+
+def _p(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.3g}"
+
+
+def build_report(out_dir: str | Path, html_path: str | Path | None = None, reference: str = "map") -> ReportFiles:
+    """Write the HTML report (default OUT/report.html) and its Markdown twin (same name, .md, with
+    figures in <name>_files/)."""
+    out_dir = Path(out_dir)
+    html_path = Path(html_path) if html_path else out_dir / "report.html"
+    if html_path.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"the report is HTML: give an output path ending in .html, not {html_path.name!r}")
+    builder = ReportBuilder(out_dir, reference)
+    title, sections = builder.build()
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(render_html(title, sections))
+    md_path = html_path.with_suffix(".md")
+    md_path.write_text(render_markdown(title, sections, html_path.with_name(f"{html_path.stem}_files")))
+    return ReportFiles(html_path, md_path, builder.notes)
