@@ -13,36 +13,14 @@ whose first term moves along the manifold and second pulls back towards P^T P = 
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 from torch import nn
 
 from bayeslora import ConfigError
-from bayeslora.backbone import Backbone
-from bayeslora.config import LoraSettings
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from .hooked_adapter import HookedAdapter, target_modules
 
-
-def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Module]:
-    """The modules ``lora`` names (``target_modules`` in ``lora.layers``), keyed "layers.<i>.<path>"."""
-    layers = backbone.adapted_layers(lora)
-    found: dict[str, nn.Module] = {}
-    for name, module in backbone.lm.named_modules():
-        match = _LAYER_INDEX.search(name)
-        if match is None or name.rsplit(".", 1)[-1] not in lora.target_modules:
-            continue
-        if layers is not None and int(match.group(1)) not in layers:
-            continue
-        found[name[match.start():].lstrip(".")] = module
-    if not found:
-        raise ConfigError(f"no modules named {lora.target_modules} in layers {layers} of {backbone.model_id}")
-    return found
-
+__all__ = ["PolarAdapter", "landing_field", "orthogonality_error", "orthonormal", "target_modules"]
 
 def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """A rows x cols matrix with orthonormal columns (QR of a standard Gaussian, signs fixed)."""
@@ -63,14 +41,13 @@ def orthogonality_error(param: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)))
 
 
-class PolarAdapter(nn.Module):
+class PolarAdapter(HookedAdapter):
     """X, Theta, Y for every target module; the update applies inside :meth:`active`."""
 
     def __init__(self, modules: dict[str, nn.Module], r: int, alpha: float, seed: int = 0):
-        super().__init__()
+        super().__init__(modules)
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / r
-        self.modules_by_key = {key.replace(".", "__"): m for key, m in modules.items()}
         self.X, self.Y, self.Theta = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         for key, module in self.modules_by_key.items():
             d_out, d_in = int(module.out_features), int(module.in_features)
@@ -80,32 +57,11 @@ class PolarAdapter(nn.Module):
             self.X[key] = nn.Parameter(orthonormal(d_out, r, generator).to(device))
             self.Y[key] = nn.Parameter(orthonormal(d_in, r, generator).to(device))
             self.Theta[key] = nn.Parameter(torch.zeros(r, r, device=device))
-        self._handles: list[Any] = []
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Inside the block, (alpha/r) X Theta Y^T x is added to each target module's output."""
-        if self._handles:  # already active (nested use)
-            yield
-            return
-        self._handles = [m.register_forward_hook(self._hook(key)) for key, m in self.modules_by_key.items()]
-        try:
-            yield
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-
-    def layer_indices(self) -> list[int]:
-        return sorted({int(_LAYER_INDEX.search(key.replace("__", ".")).group(1)) for key in self.modules_by_key})
-
-    def _hook(self, key: str) -> Any:
-        def add_update(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-            x = inputs[0].to(self.Y[key].dtype)
-            update = ((x @ self.Y[key]) @ self.Theta[key].T) @ self.X[key].T
-            return output + (self.scale * update).to(output.dtype)
-
-        return add_update
+    def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) X Theta Y^T x."""
+        x = x.to(self.Y[key].dtype)
+        return self.scale * ((x @ self.Y[key]) @ self.Theta[key].T) @ self.X[key].T
 
     def stiefel_parameters(self) -> list[nn.Parameter]:
         return [*self.X.values(), *self.Y.values()]

@@ -65,12 +65,16 @@ def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: in
             "accuracy": torch.where(nonempty, correct_sum / count.clamp(min=1), nan), "edges": edges}
 
 
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = N_BINS) -> float:
-    """ECE = sum_b |B_b|/N |acc(B_b) - conf(B_b)| over :func:`reliability_bins`."""
-    bins = reliability_bins(confidence, correct, n_bins)
+def ece_from_bins(bins: dict[str, torch.Tensor]) -> float:
+    """ECE = sum_b |B_b|/N |acc(B_b) - conf(B_b)| over the non-empty bins of :func:`reliability_bins`."""
     nonempty = bins["count"] > 0
     gap = (bins["accuracy"] - bins["confidence"]).abs()[nonempty]
-    return float((bins["count"][nonempty] / confidence.numel() * gap).sum())
+    return float((bins["count"][nonempty] / bins["count"].sum() * gap).sum())
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = N_BINS) -> float:
+    """ECE over :func:`reliability_bins` (see :func:`ece_from_bins`)."""
+    return ece_from_bins(reliability_bins(confidence, correct, n_bins))
 
 
 def risk_coverage(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,27 +13,26 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-import torch
 import yaml
 
 from bayeslora import ConfigError
-from bayeslora.metrics import expected_calibration_error
+from bayeslora.metrics import ece_from_bins
 from bayeslora.paths import barrier_table
 
 from . import figures
 from .analysis import (
     RunPredictive,
     by_run,
-    confidence_and_correct,
     coverage_curve,
     load_predictives,
     metrics_vs_samples,
     pooled_reliability,
     uncertainty_scores,
 )
-from .leaderboard import aggregate, format_seconds, group_title, leaderboard_groups, phase_table
+from .leaderboard import COSTS, HEADERS, aggregate, format_seconds, group_title, leaderboard_groups, phase_table
 from .pairwise import ALPHA, COMPARED, pairwise_table, significance_marks
 from .report_render import Code, Figure, Note, Section, Table, Text, render_html, render_markdown
 from .store import results_table, suite_run_ids
@@ -115,11 +114,15 @@ class ReportBuilder:
         agg = aggregate(self.results)
         section = Section("Leaderboard", [Text(
             "Mean ± std over seeds (no ± where a method ran one seed), ranked by NLL; the best value of each "
-            "quality column is in bold. Costs: trainable parameters, posterior (extra) parameters, fit and "
-            "predict seconds, backbone forward passes per example at prediction, peak memory in MB. The full "
-            "numbers with 95% t-intervals are in leaderboard.csv.")])
+            "quality column is in bold. Under each table, its costs: trainable parameters, posterior (stored) "
+            "parameters, fit and predict seconds, backbone forward passes per example at prediction, peak memory "
+            "in MB (mean over seeds). The full numbers with 95% t-intervals are in leaderboard.csv.")])
+        cost_headers = [HEADERS[c] for c in COSTS]
         for keys, protocol, table, marks in leaderboard_groups(self.results, agg):
-            section.blocks += [Text(f"{group_title(keys)}. Protocol: {protocol}."), Table(table, marks)]
+            quality = [c for c in table.columns if c not in cost_headers]
+            costs = [table.columns[0]] + [c for c in table.columns if c in cost_headers]
+            section.blocks += [Text(f"{group_title(keys)}. Protocol: {protocol}."),
+                               Table(table[quality], marks[quality]), Table(table[costs], caption="Costs:")]
         return section
 
     def pairwise_section(self) -> Section:
@@ -148,38 +151,43 @@ class ReportBuilder:
             section.blocks += [Text(group_title(keys) + "."), Table(shown.reset_index(drop=True))]
         return section
 
+    def group_figures(self, section: Section, slug: str, caption: str, draw: Any,
+                      keep: Any = None) -> bool:
+        """One figure per (model, dataset, eval set) with predictives: ``draw(keys, rows, per_method)``;
+        ``keep`` filters the rows first. Returns whether any figure was drawn."""
+        drawn = False
+        for keys, rows in self.groups():
+            rows = keep(rows) if keep is not None else rows
+            per_method = self.method_predictives(keys, rows)
+            if not per_method:
+                continue
+            fig = draw(keys, rows, {m: [r.predictive for r in runs] for m, runs in per_method.items()})
+            section.blocks.append(Figure(_slug(slug, *keys), figures.png_bytes(fig), f"{caption}: {group_title(keys)}"))
+            drawn = True
+        return drawn
+
     def reliability_section(self) -> Section:
         section = Section("Reliability diagrams", [Text(
             "Accuracy per bin of top-label confidence (equal-width bins, the ECE's binning), pooled over seeds; "
             "red: the gap to the diagonal; grey: the share of examples in each bin.")])
-        for keys, rows in self.groups():
-            per_method = self.method_predictives(keys, rows)
-            if not per_method:
-                continue
-            n_bins = self.n_bins(rows)
-            panels = {}
-            for method, runs in per_method.items():
-                preds = [r.predictive for r in runs]
-                conf, correct = zip(*(confidence_and_correct(p.logits, p.labels) for p in preds), strict=True)
-                ece = expected_calibration_error(torch.cat(conf), torch.cat(correct), n_bins)
-                panels[method] = (pooled_reliability(preds, n_bins), ece)
-            fig = figures.reliability_figure(panels, group_title(keys))
-            section.blocks.append(Figure(_slug("reliability", *keys), figures.png_bytes(fig),
-                                         f"Reliability diagrams: {group_title(keys)}"))
+
+        def draw(keys, rows, per_method):
+            bins = {m: pooled_reliability(preds, self.n_bins(rows)) for m, preds in per_method.items()}
+            return figures.reliability_figure({m: (b, ece_from_bins(b)) for m, b in bins.items()}, group_title(keys))
+
+        self.group_figures(section, "reliability", "Reliability diagrams", draw)
         return section
 
     def selective_section(self) -> Section:
         section = Section("Selective prediction", [Text(
             "Accuracy on the most confident fraction of the examples (the rest abstained on), averaged over seeds. "
             "The area under the matching risk curve is the leaderboard's AURC.")])
-        for keys, rows in self.groups():
-            per_method = self.method_predictives(keys, rows)
-            if not per_method:
-                continue
-            curves = {m: coverage_curve([r.predictive for r in runs]) for m, runs in per_method.items()}
-            fig = figures.coverage_figure(curves, self.colors, group_title(keys))
-            section.blocks.append(Figure(_slug("coverage", *keys), figures.png_bytes(fig),
-                                         f"Accuracy against coverage: {group_title(keys)}"))
+
+        def draw(keys, rows, per_method):
+            curves = {m: coverage_curve(preds) for m, preds in per_method.items()}
+            return figures.coverage_figure(curves, self.colors, group_title(keys))
+
+        self.group_figures(section, "coverage", "Accuracy against coverage", draw)
         return section
 
     def samples_section(self) -> Section:
@@ -187,19 +195,13 @@ class ReportBuilder:
             "Accuracy, ECE and NLL of the predictive built from s of the S stored samples (evenly spaced sample "
             "indices; for lora_curve's grid that is a coarser grid over the same range), mean over seeds. "
             "Deterministic methods (S = 1) are not drawn.")])
-        drawn = False
-        for keys, rows in self.groups():
-            sampling = rows[rows.num_samples > 1]
-            per_method = self.method_predictives(keys, sampling)
-            if not per_method:
-                continue
-            tables = {m: metrics_vs_samples([r.predictive for r in runs], self.n_bins(rows))
-                      for m, runs in per_method.items()}
-            fig = figures.samples_figure(tables, self.colors, group_title(keys))
-            section.blocks.append(Figure(_slug("samples", *keys), figures.png_bytes(fig),
-                                         f"Accuracy / ECE / NLL against S: {group_title(keys)}"))
-            drawn = True
-        if not drawn:
+
+        def draw(keys, rows, per_method):
+            tables = {m: metrics_vs_samples(preds, self.n_bins(rows)) for m, preds in per_method.items()}
+            return figures.samples_figure(tables, self.colors, group_title(keys))
+
+        if not self.group_figures(section, "samples", "Accuracy / ECE / NLL against S", draw,
+                                  keep=lambda rows: rows[rows.num_samples > 1]):
             section.blocks.append(Note("No sampling method (S > 1) in this folder."))
             self.notes.append("metrics-vs-S plots skipped: no sampling method (S > 1)")
         return section

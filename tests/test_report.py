@@ -294,3 +294,18 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert (tmp_path / "report.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="pdflatex not installed (Debian: texlive-latex-base texlive-latex-recommended)")
+def test_leaderboard_latex_compiles_with_pdflatex(tmp_path):
+    import subprocess
+
+    out = synthetic_folder(tmp_path / "res")
+    tex = leaderboard_latex(_table(out), aggregate(_table(out)))
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
+                                      "\\begin{document}\n" + tex + "\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000

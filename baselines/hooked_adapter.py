@@ -1,0 +1,74 @@
+"""Adapters that add a low-rank update to target modules' outputs through forward hooks.
+
+``y = module(x) + update(key, x)``: the update is added by ``register_forward_hook`` (PyTorch's
+module-hook API) inside :meth:`HookedAdapter.active` and removed on exit, so the model and any peft
+adapters on it stay untouched. Used by PoLAR (:mod:`baselines.polar`) and LoRA-XS
+(:mod:`baselines.lora_xs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayeslora import ConfigError
+from bayeslora.backbone import Backbone
+from bayeslora.config import LoraSettings
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Module]:
+    """The modules ``lora`` names (``target_modules`` in ``lora.layers``), keyed "layers.<i>.<path>"."""
+    layers = backbone.adapted_layers(lora)
+    found: dict[str, nn.Module] = {}
+    for name, module in backbone.lm.named_modules():
+        match = LAYER_INDEX.search(name)
+        if match is None or name.rsplit(".", 1)[-1] not in lora.target_modules:
+            continue
+        if layers is not None and int(match.group(1)) not in layers:
+            continue
+        found[name[match.start():].lstrip(".")] = module
+    if not found:
+        raise ConfigError(f"no modules named {lora.target_modules} in layers {layers} of {backbone.model_id}")
+    return found
+
+
+class HookedAdapter(nn.Module):
+    """Base class: subclasses define :meth:`update` (the added output for one module's input)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        super().__init__()
+        self.modules_by_key = {key.replace(".", "__"): m for key, m in modules.items()}
+        self._handles: list[Any] = []
+
+    def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Inside the block, :meth:`update` is added to each target module's output."""
+        if self._handles:  # already active (nested use)
+            yield
+            return
+        self._handles = [m.register_forward_hook(self._hook(key)) for key, m in self.modules_by_key.items()]
+        try:
+            yield
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
+    def layer_indices(self) -> list[int]:
+        return sorted({int(LAYER_INDEX.search(key.replace("__", ".")).group(1)) for key in self.modules_by_key})
+
+    def _hook(self, key: str) -> Any:
+        def add_update(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            return output + self.update(key, inputs[0]).to(output.dtype)
+
+        return add_update

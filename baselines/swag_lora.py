@@ -1,0 +1,233 @@
+"""SWAG-LoRA and B-LoRA-XS: a SWAG Gaussian over adapter weights (METHODS.md section 6).
+
+Both run the shared training loop twice: a burn-in, then an SWA phase at the constant learning rate
+``swag.lr`` for ``swag.epochs`` epochs, during which :class:`SwagHooks` (a per-step callback)
+collects a snapshot of the adapter weights every ``swag.collect_every`` optimiser steps (default:
+K + 1 snapshots spread over the phase) into
+:class:`~baselines.swag.SwagStatistics`. Prediction draws S weight vectors
+theta_s = mean + sqrt(s) (sigma z1 + D^T z2 / sqrt(K-1)) once (seeded) and evaluates every
+example under each: S backbone passes per example.
+
+- ``swag_lora``: standard LoRA (peft) with SWAG over all A and B. The burn-in is the shared MAP
+  adapter (trained once, cached, the same as ``map``'s); samples are evaluated with
+  ``Backbone.class_logits_with`` (torch.func.functional_call), so nothing is written into the model.
+- ``blora_xs``: LoRA-XS (:mod:`baselines.lora_xs`: frozen truncated-SVD factors, only the r x r
+  R of each module trains) with SWAG over the concatenated R's: the smallest posterior of the
+  library. The burn-in trains R for ``train.epochs`` with early stopping on validation NLL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from bayeslora import FitReport, Posterior, Predictive
+from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
+from bayeslora.backbone import Backbone
+from bayeslora.config import AdapterConfig, TrainSettings
+from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.predict import collect_predictive
+from bayeslora.training import TrainResult, train
+
+from .hooked_adapter import target_modules
+from .lora_xs import LoraXsAdapter, lora_xs_factors
+from .swag import SwagSettings, SwagStatistics, flatten, unflatten
+
+
+@dataclass
+class SwagConfig(AdapterConfig):
+    """Adapter + training settings of the burn-in, and ``swag``: the SWA phase and the Gaussian."""
+
+    swag: SwagSettings = field(default_factory=SwagSettings)
+
+    def check(self) -> None:
+        self.swag.check()
+
+
+@dataclass
+class BLoraXsConfig(SwagConfig):
+    """``init_std``: std of R at init (LoRA-XS: 1e-5). ``lora.r`` is the SVD rank, ``lora.alpha``
+    the scale alpha/r; ``lora.dropout`` is not used."""
+
+    init_std: float = 1e-5
+
+
+class SwagHooks(ClassifierHooks):
+    """Cross-entropy, plus a SWAG snapshot of the parameters every ``swag.interval(total)`` steps."""
+
+    def __init__(self, backbone: Backbone, params: dict[str, torch.nn.Parameter], stats: SwagStatistics,
+                 swag: SwagSettings):
+        super().__init__(backbone, params)
+        self.stats, self.swag = stats, swag
+        self.collect_every = 1
+
+    def on_train_begin(self, total_steps: int) -> None:
+        self.collect_every = self.swag.interval(total_steps)
+
+    def on_step_end(self, step: int, epoch: float) -> None:
+        if step % self.collect_every == 0:
+            self.stats.collect(flatten(self.params))
+
+
+def swa_settings(train_settings: TrainSettings, swag: SwagSettings) -> TrainSettings:
+    """The SWA phase: constant learning rate, no warm-up, no early stopping."""
+    return dataclasses.replace(train_settings, epochs=swag.epochs, lr=swag.lr or train_settings.lr,
+                               schedule="constant", warmup_ratio=0.0, early_stopping_patience=None)
+
+
+class _SwagPosterior(Posterior):
+    """Shared SWA phase, sampling and state of the two SWAG methods."""
+
+    Config = SwagConfig
+    saves_state = True
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.config.check()
+        self.stats: SwagStatistics | None = None
+        self.swa_result: TrainResult | None = None
+        self.collect_every = 0
+
+    @property
+    def adapter_name(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+    # subclasses: the trainable tensors, and a context in which the backbone uses given values of them
+    def weights(self) -> dict[str, torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def sample_logits(self, values: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_swa_phase(self, backbone: Backbone, train_split: EncodedSplit) -> None:
+        swag = self.config.swag
+        params = self.weights()
+        self.stats = SwagStatistics(sum(p.numel() for p in params.values()), swag.max_rank, swag.var_clamp)
+        loader = make_loader(train_split, self.config.train.batch_size, shuffle=True, seed=self.seed + 10_000)
+        hooks = SwagHooks(backbone, params, self.stats, swag)
+        self.swa_result = train(hooks, loader, swa_settings(self.config.train, swag), backbone.device,
+                                desc=f"swa {self.name}")
+        self.collect_every = hooks.collect_every
+        if self.stats.n == 0:
+            raise RuntimeError(f"{self.name}: the SWA phase ran {self.swa_result.steps} steps and collected no "
+                               f"snapshot; lower swag.collect_every (now {hooks.collect_every}) or raise swag.epochs")
+
+    def swag_report(self) -> dict[str, Any]:
+        return {"swa_steps": self.swa_result.steps if self.swa_result else 0, "snapshots": self.stats.n,
+                "swag_rank": self.stats.rank, "posterior_dim": self.stats.dim,
+                "collect_every": self.collect_every,
+                "swa_seconds": self.swa_result.seconds if self.swa_result else 0.0}
+
+    def draws(self, num_samples: int) -> list[dict[str, torch.Tensor]]:
+        """S weight samples (S = 0 or scale 0: the SWA mean), seeded by the run's seed."""
+        swag = self.config.swag
+        like = self.weights()
+        if num_samples == 0:
+            return [unflatten(self.stats.mean.float(), like)]
+        generator = torch.Generator().manual_seed(self.seed)
+        return [unflatten(self.stats.sample(swag.scale, generator, swag.covariance), like)
+                for _ in range(num_samples)]
+
+    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
+        backbone = self.require_backbone()
+        draws = self.draws(num_samples)
+
+        def sample(batch: dict[str, Any]) -> torch.Tensor:
+            return torch.stack([self.sample_logits(values, batch) for values in draws], dim=1)
+
+        return collect_predictive(backbone, loader, sample, desc=self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"swag": self.stats.state_dict(), "weights": {k: v.detach().cpu() for k, v in self.weights().items()}}
+
+
+class SwagLora(_SwagPosterior):
+    """SWAG over the A and B of a standard LoRA adapter, started from the shared MAP adapter."""
+
+    name = "swag_lora"
+    description = "SWAG over LoRA A,B (SWA phase from the MAP adapter), S forward passes"
+
+    def weights(self) -> dict[str, torch.nn.Parameter]:
+        return self.require_backbone().lora_parameters(self.adapter_name)
+
+    def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        self.attach(backbone)
+        start = time.perf_counter()
+        fit = fit_lora_adapter(backbone, self.adapter_name, self.config.lora, self.config.train, train_split, val,
+                               self.seed, self.artifacts)
+        backbone.use_adapter(self.adapter_name)
+        self.run_swa_phase(backbone, train_split)
+        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=fit.trainable_params,
+                         posterior_params=self.stats.num_stored(), train_steps=fit.result.steps + self.swa_result.steps,
+                         reused_cache=fit.reused, extra={"best_val_nll": fit.result.best_val_nll, **self.swag_report()})
+
+    def sample_logits(self, values: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        return self.require_backbone().class_logits_with(self.adapter_name, values, batch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        backbone = self.require_backbone()
+        if self.adapter_name not in backbone.adapter_names():
+            backbone.add_lora(self.adapter_name, self.config.lora)
+        backbone.load_adapter_state(self.adapter_name, state["weights"])
+        self.stats = SwagStatistics.from_state(state["swag"])
+
+    def release(self) -> None:
+        if self.backbone is not None:
+            self.backbone.delete_adapter(self.adapter_name)
+
+
+class BLoraXs(_SwagPosterior):
+    """B-LoRA-XS: LoRA-XS (frozen SVD factors, trainable r x r R) with SWAG over all R."""
+
+    name = "blora_xs"
+    Config = BLoraXsConfig
+    description = "B-LoRA-XS: LoRA-XS (SVD factors frozen, r x r trained) + SWAG over R, S forward passes"
+
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.adapter: LoraXsAdapter | None = None
+
+    def weights(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.adapter.R.items())
+
+    def _build(self, backbone: Backbone) -> None:
+        lora = self.config.lora
+        factors = lora_xs_factors(backbone, lora, self.artifacts)
+        self.adapter = LoraXsAdapter(target_modules(backbone, lora), factors, lora.r, lora.alpha, seed=self.seed,
+                                     init_std=self.config.init_std)
+        backbone.check_above_trunk(self.name, min(self.adapter.layer_indices()))
+
+    def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        self.attach(backbone)
+        start = time.perf_counter()
+        self._build(backbone)
+        settings = self.config.train
+        torch.manual_seed(self.seed)
+        loader = make_loader(train_split, settings.batch_size, shuffle=True, seed=self.seed)
+        val_loader = make_loader(val, settings.eval_batch_size) if val is not None else None
+        with backbone.adapters_disabled(), self.adapter.active():
+            burn_in = train(ClassifierHooks(backbone, self.weights()), loader, settings, backbone.device, val_loader,
+                            desc=f"train {self.name}")
+            self.run_swa_phase(backbone, train_split)
+        n_trainable = sum(p.numel() for p in self.weights().values())
+        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=n_trainable,
+                         posterior_params=self.stats.num_stored(), train_steps=burn_in.steps + self.swa_result.steps,
+                         extra={"best_val_nll": burn_in.best_val_nll, "train_seconds": burn_in.seconds,
+                                **self.swag_report()})
+
+    def sample_logits(self, values: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        backbone = self.require_backbone()
+        with backbone.adapters_disabled(), self.adapter.active(), self.adapter.using_values(values):
+            return backbone.class_logits(batch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._build(self.require_backbone())
+        with torch.no_grad():
+            for k, v in state["weights"].items():
+                self.adapter.R[k].copy_(v)
+        self.stats = SwagStatistics.from_state(state["swag"])
