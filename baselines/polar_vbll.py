@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from bayeslora import ConfigError, FitReport, Posterior, Predictive
 from bayeslora.backbone import Backbone
 from bayeslora.config import check_choice
-from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.data import EncodedSplit, fit_loaders
 from bayeslora.features import check_answer_ids, feature_batch
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainingHooks, TrainResult, train
@@ -121,8 +121,7 @@ class PolarVbll(Posterior):
         self._build(backbone, train_split.answer_ids, self.config.vbll.weight_for(len(train_split)))
         settings = self.config.train
         hooks = PolarVbllHooks(backbone, self.adapter, self.head, self.config, self.seed)
-        loader = make_loader(train_split, settings.batch_size, shuffle=True, seed=self.seed)
-        val_loader = make_loader(val, settings.eval_batch_size) if val is not None else None
+        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
         with backbone.adapters_disabled(), self.adapter.active():
             result = self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
                                                desc=f"train {self.name}")

@@ -30,7 +30,7 @@ from bayeslora import FitReport, Posterior, Predictive
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
 from bayeslora.backbone import Backbone
 from bayeslora.config import AdapterConfig, TrainSettings
-from bayeslora.data import EncodedSplit, make_loader
+from bayeslora.data import EncodedSplit, fit_loaders, make_loader
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainResult, train
 
@@ -208,8 +208,7 @@ class BLoraXs(_SwagPosterior):
         self._build(backbone)
         settings = self.config.train
         torch.manual_seed(self.seed)
-        loader = make_loader(train_split, settings.batch_size, shuffle=True, seed=self.seed)
-        val_loader = make_loader(val, settings.eval_batch_size) if val is not None else None
+        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
         with backbone.adapters_disabled(), self.adapter.active():
             burn_in = train(ClassifierHooks(backbone, self.weights()), loader, settings, backbone.device, val_loader,
                             desc=f"train {self.name}")

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .artifacts import ArtifactStore
 from .backbone import Backbone
 from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain
-from .data import EncodedSplit, make_loader
+from .data import EncodedSplit, fit_loaders
 from .training import TrainingHooks, TrainResult, train
 
 
@@ -102,8 +102,7 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
             backbone.load_adapter_state(name, cached["adapter"])
             return AdapterFit(name, n_params, TrainResult(**cached["result"]), reused=True)
     torch.manual_seed(seed)
-    loader = make_loader(train_split, settings.batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(val_split, settings.eval_batch_size) if val_split is not None else None
+    loader, val_loader = fit_loaders(train_split, val_split, settings.batch_size, settings.eval_batch_size, seed)
     result = train(hooks_cls(backbone, params), loader, settings, backbone.device, val_loader, desc=f"train {name}")
     if artifacts is not None and key is not None:
         record = {"steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,

@@ -37,12 +37,12 @@ from .artifacts import ArtifactStore
 from .backbone import Backbone
 from .config import AdapterConfig, TrainSettings, check_choice
 from .curve import BezierCurve, Weights, interpolate, num_control_points
-from .data import EncodedSplit, make_loader
+from .data import EncodedSplit, fit_loaders
 from .errors import ConfigError
 from .metrics import log_predictive
 from .paths import WeightPath
 from .posterior import FitReport, Posterior
-from .predict import collect_predictive
+from .predict import predict_with_weights
 from .predictive import Predictive
 from .training import TrainingHooks, train
 
@@ -221,8 +221,7 @@ class LoraCurve(Posterior):
             reused, anchor_steps = False, 0
         self.curve = curve.to(backbone.device)
         backbone.add_lora(self.adapter_name, cfg.lora, seed=self.seed)
-        loader = make_loader(train_split, cfg.train.batch_size, shuffle=True, seed=self.seed)
-        val_loader = make_loader(val, cfg.train.eval_batch_size) if val is not None else None
+        loader, val_loader = fit_loaders(train_split, val, cfg.train.batch_size, cfg.train.eval_batch_size, self.seed)
         hooks = CurveHooks(backbone, self.adapter_name, self.curve, cfg, self.seed)
         result = train(hooks, loader, cfg.curve_train_settings(), backbone.device, val_loader,
                        desc=f"train {self.adapter_name}")
@@ -284,12 +283,7 @@ class LoraCurve(Posterior):
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
         backbone = self.require_backbone()
-        points = self.sample_weights(num_samples)
-
-        def sample(batch: dict[str, Any]) -> torch.Tensor:
-            return torch.stack([backbone.class_logits_with(self.adapter_name, w, batch) for w in points], dim=1)
-
-        return collect_predictive(backbone, loader, sample, desc=self.name)
+        return predict_with_weights(backbone, self.adapter_name, self.sample_weights(num_samples), loader, self.name)
 
     # ------------------------------------------------------------------ paths
     def paths(self) -> dict[str, WeightPath]:

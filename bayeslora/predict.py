@@ -61,6 +61,16 @@ def collect_predictive(backbone: Backbone, loader: DataLoader, sample_batch: Bat
     return Predictive(torch.cat(logits), torch.cat(labels), ids, cost)
 
 
+def predict_with_weights(backbone: Backbone, adapter: str, draws: list[dict[str, torch.Tensor]], loader: DataLoader,
+                         desc: str) -> Predictive:
+    """(N, S, K): every example under each of the S LoRA weight sets ``draws`` of ``adapter``
+    (:meth:`Backbone.class_logits_with`; nothing is written into the model). S backbone passes."""
+    def sample(batch: dict[str, Any]) -> torch.Tensor:
+        return torch.stack([backbone.class_logits_with(adapter, weights, batch) for weights in draws], dim=1)
+
+    return collect_predictive(backbone, loader, sample, desc=desc)
+
+
 SampleContext = Callable[[int], AbstractContextManager[Any]]
 """s -> a context in which the backbone computes posterior sample s (sets weights, noise, ...)."""
 

@@ -65,6 +65,11 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def final_train_loss(result: TrainResult) -> float:
+    """The smoothed training loss at the last validation point (NaN without validation)."""
+    return result.history[-1]["train_loss"] if result.history else float("nan")
+
+
 def _schedule(settings: TrainSettings, total: int) -> Any:
     warmup = int(settings.warmup_ratio * total)
 

@@ -117,6 +117,13 @@ class EncodedSplit(Dataset):
         }
 
 
+def fit_loaders(train: EncodedSplit, val: EncodedSplit | None, batch_size: int, eval_batch_size: int,
+                seed: int) -> tuple[DataLoader, DataLoader | None]:
+    """The shuffled training loader (order fixed by ``seed``) and the validation loader (None without val)."""
+    val_loader = make_loader(val, eval_batch_size) if val is not None else None
+    return make_loader(train, batch_size, shuffle=True, seed=seed), val_loader
+
+
 def make_loader(split: EncodedSplit, batch_size: int, shuffle: bool = False, seed: int = 0,
                 limit: int | None = None) -> DataLoader:
     """A loader over ``split`` (its first ``limit`` examples if given); with shuffle, the order is fixed by ``seed``."""

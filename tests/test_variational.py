@@ -1,0 +1,158 @@
+"""Variational LoRA: BLoB (Flipout, closed-form KL) and Bayes-by-backprop with pyro, on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from baselines.bbb_lora import BbbLora
+from baselines.blob import Blob, BlobAdapter, gaussian_kl, minibatch_kl_weight
+from baselines.hooked_adapter import target_modules
+from bayeslora import ConfigError
+from bayeslora.config import LoraSettings, TrainSettings
+from bayeslora.data import make_loader
+from bayeslora.predict import repeat_batch
+
+LORA = LoraSettings(r=2, alpha=4, dropout=0.0)
+
+
+def _train(epochs: float = 3, lr: float = 1e-2) -> TrainSettings:
+    return TrainSettings(epochs=epochs, lr=lr, batch_size=8, progress=False, warmup_ratio=0.0)
+
+
+def _hand_kl(mean: torch.Tensor, std: torch.Tensor, prior: float) -> float:
+    """KL(N(m, s^2) || N(0, b^2)) = log(b/s) + (s^2 + m^2) / (2 b^2) - 1/2, summed."""
+    return float((math.log(prior) - std.log() + (std**2 + mean**2) / (2 * prior**2) - 0.5).sum())
+
+
+def test_gaussian_kl_is_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(3, 5, generator=g), torch.rand(3, 5, generator=g) + 0.05
+    assert float(gaussian_kl(mean, std, 0.2)) == pytest.approx(_hand_kl(mean, std, 0.2), rel=1e-5)
+    assert float(gaussian_kl(torch.zeros(4), torch.full((4,), 0.2), 0.2)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_minibatch_kl_weights_sum_to_one_per_epoch():
+    weights = [minibatch_kl_weight(i, 12) for i in range(12)]
+    assert sum(weights) == pytest.approx(1.0) and weights == sorted(weights)
+    assert weights[-1] == pytest.approx(2**11 / (2**12 - 1))
+
+
+def _blob(tiny_backbone, toy_splits, **config):
+    post = Blob(Blob.make_config({"lora": LORA, "train": _train(), **config}), seed=0)
+    post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
+    return post
+
+
+def test_blob_adapter_kl_and_flipout_noise_per_example(tiny_backbone):
+    modules = target_modules(tiny_backbone, LoraSettings(r=2, alpha=4, target_modules=["q_proj"], layers=[0]))
+    adapter = BlobAdapter(modules, 2, 4, seed=0)
+    (key,) = adapter.M.keys()
+    std = adapter.std(key)
+    g = adapter.G[key].detach()
+    assert float(g.min()) >= 0.05 / math.sqrt(2) and float(g.max()) <= 0.05
+    by_hand = _hand_kl(adapter.M[key].detach(), std.detach(), 0.2)
+    assert float(adapter.kl(0.2).detach()) == pytest.approx(by_hand, rel=1e-5)
+    with torch.no_grad():
+        adapter.B[key].normal_()
+    x = torch.randn(1, 3, adapter.M[key].shape[1]).expand(6, 3, -1)  # one input, six times
+    with torch.no_grad():
+        noisy = adapter.update(key, x)
+        with adapter.mean_weights():
+            mean = adapter.update(key, x)
+    assert torch.allclose(mean[0], mean[5])  # no noise: identical rows
+    rows = noisy.reshape(6, -1)
+    assert all(not torch.allclose(rows[i], rows[j]) for i in range(6) for j in range(i + 1, 6))
+    with torch.no_grad():
+        adapter.G[key].zero_()
+        assert torch.allclose(adapter.update(key, x), mean)  # std 0: the mean weights
+
+
+def test_blob_flipout_gives_each_example_its_own_sample(tiny_backbone, toy_splits):
+    post = _blob(tiny_backbone, toy_splits)
+    one = next(iter(make_loader(toy_splits[2], 1)))
+    batch = repeat_batch(one, 4)  # the same example four times in one batch
+    with tiny_backbone.adapters_disabled(), post.adapter.active():
+        logits = tiny_backbone.class_logits(batch)
+        with post.adapter.mean_weights():
+            mean = tiny_backbone.class_logits(batch)
+    assert torch.allclose(mean[0], mean[3])
+    assert not torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[2], logits[3])
+
+
+def test_blob_with_zero_std_predicts_the_mean_adapter_and_reloads_exactly(tiny_backbone, toy_splits):
+    post = _blob(tiny_backbone, toy_splits)
+    loader = make_loader(toy_splits[2], 4)
+    pred = post.predict(loader, 4)
+    assert pred.logits.shape == (12, 4, 2) and pred.cost.forward_passes == 4
+    assert pred.logits.std(dim=1).mean() > 0
+    state = post.state_dict()
+    again = Blob(post.config, seed=0)
+    again.attach(tiny_backbone)
+    again.load_state_dict(state)
+    assert torch.equal(again.predict(loader, 4).logits, pred.logits)
+    with torch.no_grad():
+        for g in post.adapter.G.values():
+            g.zero_()
+    zero_std = post.predict(loader, 3)
+    mean = post.predict(loader, 0)
+    assert mean.logits.shape == (12, 1, 2)
+    torch.testing.assert_close(zero_std.logits, mean.logits.expand(-1, 3, -1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [Blob, BbbLora])
+def test_elbo_loss_decreases_over_training(cls, tiny_backbone, toy_splits):
+    post = cls(cls.make_config({"lora": LORA, "train": _train(epochs=4, lr=2e-2)}), seed=0)
+    post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
+    losses = [h["train_loss"] for h in post.train_result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    post.release()
+
+
+def _bbb(tiny_backbone, toy_splits, **config):
+    post = BbbLora(BbbLora.make_config({"lora": LORA, "train": _train(), **config}), seed=0)
+    post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
+    return post
+
+
+def test_bbb_kl_is_pyros_closed_form_and_the_prior_only_touches_lora(tiny_backbone, toy_splits):
+    post = _bbb(tiny_backbone, toy_splits, prior_std=0.3)
+    assert not pyro.get_param_store().keys()  # the guide's parameters are its own, not pyro's global store
+    means, stds = post.guide.means(), post.guide.stds()
+    assert any(float((stds[s] - 1e-3).abs().max()) > 1e-5 for s in stds)  # the scales were trained
+    kl = TraceMeanField_ELBO().differentiable_loss(post.model, post.guide)  # no data: -ELBO = KL(q || p)
+    again = TraceMeanField_ELBO().differentiable_loss(post.model, post.guide)
+    assert float(kl) == float(again)  # closed form: no Monte Carlo noise
+    by_hand = sum(_hand_kl(means[site], stds[site], 0.3) for site in post.model.shapes)
+    assert float(kl) == pytest.approx(by_hand, rel=1e-4)
+    assert set(post.model.shapes) == set(tiny_backbone.lora_parameters(post.adapter_name))
+    post.release()
+
+
+def test_bbb_samples_differ_collapse_to_the_mean_and_reload_exactly(tiny_backbone, toy_splits):
+    post = _bbb(tiny_backbone, toy_splits, init_scale=0.05)
+    loader = make_loader(toy_splits[2], 4)
+    pred = post.predict(loader, 4)
+    assert pred.logits.shape == (12, 4, 2) and pred.logits.std(dim=1).mean() > 1e-4
+    state = post.state_dict()
+    again = BbbLora(post.config, seed=0)
+    again.attach(tiny_backbone)
+    again.load_state_dict(state)
+    assert torch.equal(again.predict(loader, 4).logits, pred.logits)
+    with torch.no_grad():  # std forced to (numerically) 0: every sample is the mean adapter
+        for log_scale in post.guide.log_scales:
+            log_scale.fill_(-40.0)
+    collapsed, mean = post.predict(loader, 3), post.predict(loader, 0)
+    torch.testing.assert_close(collapsed.logits, mean.logits.expand(-1, 3, -1), atol=1e-5, rtol=1e-5)
+    post.release()
+
+
+def test_bad_variational_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match="kl_weighting"):
+        Blob(Blob.make_config({"kl_weighting": "annealed"}))
+    with pytest.raises(ConfigError, match="init"):
+        BbbLora(BbbLora.make_config({"init": "zeros"}))
