@@ -115,7 +115,7 @@ def coverage_figure(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], colors
            xlim=(0, 1), title=title)
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     return fig
 
 
@@ -129,7 +129,7 @@ def samples_figure(tables: dict[str, pd.DataFrame], colors: dict[str, tuple], ti
         ax.set(xscale="log", xlabel="samples S", title=metric)
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 
