@@ -15,6 +15,7 @@ device, and kept in the results folder's artifact cache.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from bayeslora import ConfigError
 from bayeslora.artifacts import ArtifactStore
 from bayeslora.backbone import Backbone
 from bayeslora.config import LoraSettings
+from bayeslora.trunk import update_weight_digest
 
 from .hooked_adapter import HookedAdapter, target_modules
 
@@ -37,20 +39,19 @@ def truncated_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     return u[:, :r].contiguous(), (s[:r, None] * vh[:r]).contiguous()
 
 
-def _weight_fingerprint(modules: Mapping[str, nn.Module]) -> list[Any]:
-    """A few values of every target weight: the SVD cache key must change when the weights do."""
-    out = []
-    for key in sorted(modules):
-        w = modules[key].weight.detach().reshape(-1)
-        out.append([key, list(w.shape), w[:: max(1, w.numel() // 32)][:32].float().cpu().tolist()])
-    return out
+def svd_cache_key(backbone: Backbone, modules: Mapping[str, nn.Module], r: int) -> dict[str, Any]:
+    """What the factors depend on: the model, r and the target weights (the trunk cache's strided
+    weight digest), so the cache misses when the weights change."""
+    h = hashlib.blake2b(digest_size=12)
+    update_weight_digest(h, ((key, modules[key].weight) for key in sorted(modules)))
+    return {"model": backbone.model_id, "r": r, "weights": h.hexdigest()}
 
 
 def lora_xs_factors(backbone: Backbone, lora: LoraSettings,
                     artifacts: ArtifactStore | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(B, A) per target module (keys "layers.<i>.<path>"), from the artifact cache when present."""
     modules = target_modules(backbone, lora)
-    key = {"model": backbone.model_id, "r": lora.r, "weights": _weight_fingerprint(modules)}
+    key = svd_cache_key(backbone, modules, lora.r)
     if artifacts is not None:
         cached = artifacts.get("lora_xs_svd", key)
         if cached is not None:

@@ -91,7 +91,6 @@ class _SwagPosterior(Posterior):
         self.config.check()
         self.stats: SwagStatistics | None = None
         self.swa_result: TrainResult | None = None
-        self.collect_every = 0
 
     @property
     def adapter_name(self) -> str:
@@ -112,16 +111,16 @@ class _SwagPosterior(Posterior):
         hooks = SwagHooks(backbone, params, self.stats, swag)
         self.swa_result = train(hooks, loader, swa_settings(self.config.train, swag), backbone.device,
                                 desc=f"swa {self.name}")
-        self.collect_every = hooks.collect_every
         if self.stats.n == 0:
             raise RuntimeError(f"{self.name}: the SWA phase ran {self.swa_result.steps} steps and collected no "
                                f"snapshot; lower swag.collect_every (now {hooks.collect_every}) or raise swag.epochs")
 
     def swag_report(self) -> dict[str, Any]:
-        return {"swa_steps": self.swa_result.steps if self.swa_result else 0, "snapshots": self.stats.n,
-                "swag_rank": self.stats.rank, "posterior_dim": self.stats.dim,
-                "collect_every": self.collect_every,
-                "swa_seconds": self.swa_result.seconds if self.swa_result else 0.0}
+        """FitReport extras of the SWA phase (after :meth:`run_swa_phase`)."""
+        steps = self.swa_result.steps
+        return {"swa_steps": steps, "snapshots": self.stats.n, "swag_rank": self.stats.rank,
+                "posterior_dim": self.stats.dim, "collect_every": self.config.swag.interval(steps),
+                "swa_seconds": self.swa_result.seconds}
 
     def draws(self, num_samples: int) -> list[dict[str, torch.Tensor]]:
         """S weight samples (S = 0 or scale 0: the SWA mean), seeded by the run's seed."""

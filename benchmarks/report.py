@@ -10,7 +10,6 @@ methods, datasets and files is present is drawn, and each absent part is named i
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,12 @@ from .analysis import (
     load_predictives,
     metrics_vs_samples,
     pooled_reliability,
+    run_key,
     uncertainty_scores,
 )
 from .leaderboard import COSTS, HEADERS, aggregate, format_seconds, group_title, leaderboard_groups, phase_table
 from .pairwise import ALPHA, COMPARED, pairwise_table, significance_marks
-from .report_render import Code, Figure, Note, Section, Table, Text, render_html, render_markdown
+from .report_render import Code, Figure, Note, Section, Table, Text, render_html, render_markdown, slugify
 from .store import results_table, suite_run_ids
 from .suite import parse_suite
 
@@ -47,10 +47,6 @@ class ReportFiles:
     html: Path
     markdown: Path
     notes: list[str]
-
-
-def _slug(*parts: object) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
 
 
 class ReportBuilder:
@@ -77,7 +73,7 @@ class ReportBuilder:
         """Predictives of one group, per method (all seeds)."""
         out: dict[str, list[RunPredictive]] = {}
         for row in rows.itertuples(index=False):
-            found = self.index.get((*keys, row.method, int(row.seed)))
+            found = self.index.get(run_key(*keys, row.method, row.seed))
             if found is not None:
                 out.setdefault(row.method, []).append(found)
         return out
@@ -162,7 +158,8 @@ class ReportBuilder:
             if not per_method:
                 continue
             fig = draw(keys, rows, {m: [r.predictive for r in runs] for m, runs in per_method.items()})
-            section.blocks.append(Figure(_slug(slug, *keys), figures.png_bytes(fig), f"{caption}: {group_title(keys)}"))
+            section.blocks.append(Figure(slugify(slug, *keys), figures.png_bytes(fig),
+                                         f"{caption}: {group_title(keys)}"))
             drawn = True
         return drawn
 
@@ -221,8 +218,8 @@ class ReportBuilder:
             panels = {}
             for method, method_rows in rows.groupby("method", sort=False):
                 seeds = [int(s) for s in method_rows.seed]
-                id_runs = [self.index.get((model, dataset, dataset, method, s)) for s in seeds]
-                ood_runs = [self.index.get((model, dataset, eval_set, method, s)) for s in seeds]
+                id_runs = [self.index.get(run_key(model, dataset, dataset, method, s)) for s in seeds]
+                ood_runs = [self.index.get(run_key(model, dataset, eval_set, method, s)) for s in seeds]
                 if any(r is None for r in id_runs + ood_runs):
                     continue
                 id_u = uncertainty_scores([r.predictive for r in id_runs])
@@ -232,7 +229,7 @@ class ReportBuilder:
             if panels:
                 title = f"{model} · trained on {dataset} · in distribution {dataset} vs OOD {eval_set}"
                 fig = figures.uncertainty_histograms(panels, title, dataset, eval_set)
-                section.blocks.append(Figure(_slug("ood", model, dataset, eval_set), figures.png_bytes(fig), title))
+                section.blocks.append(Figure(slugify("ood", model, dataset, eval_set), figures.png_bytes(fig), title))
         return section
 
     def paths_section(self) -> Section:
@@ -249,7 +246,7 @@ class ReportBuilder:
             table = pd.read_csv(path_file)
             title = f"{row.method} · {row.dataset} · seed {row.seed}"
             fig = figures.path_figure(table, title)
-            section.blocks += [Figure(_slug("path", row.method, row.dataset, row.seed), figures.png_bytes(fig),
+            section.blocks += [Figure(slugify("path", row.method, row.dataset, row.seed), figures.png_bytes(fig),
                                       f"Loss and accuracy along the paths: {title}"),
                                Table(barrier_table(table).round(4), caption=f"Barrier heights: {title}")]
             found = True

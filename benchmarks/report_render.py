@@ -14,6 +14,11 @@ import pandas as pd
 from .tables import to_html, to_markdown
 
 
+def slugify(*parts: object) -> str:
+    """Lower-case words joined by '-': an HTML id or a file name."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
+
+
 @dataclass
 class Text:
     text: str
@@ -56,7 +61,7 @@ class Section:
 
     @property
     def anchor(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
+        return slugify(self.title)
 
 
 STYLE = """

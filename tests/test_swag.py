@@ -118,6 +118,12 @@ def test_lora_xs_adapter_adds_scaled_b_r_a_inside_active_only(tiny_backbone, tmp
     assert torch.allclose(adapted, base + x @ (2.0 * b @ adapter.R[safe] @ a).T, atol=1e-5)
     assert torch.allclose(adapter.delta_weight(safe), 2.0 * b @ adapter.R[safe] @ a)
     assert torch.equal(module(x), base)  # hook removed on exit
+    with torch.no_grad():  # changed weights: the cached SVD no longer applies
+        module.weight.mul_(2.0)
+    again = lora_xs_factors(tiny_backbone, lora, store)
+    assert len(list((tmp_path / "lora_xs_svd").glob("*"))) == 2
+    new_b, new_a = again[key]
+    assert torch.allclose(new_b @ new_a, 2.0 * b @ a, atol=1e-5)
 
 
 # -- the posteriors on a tiny model ----------------------------------------------------------------------
@@ -131,6 +137,7 @@ def _fit(cls, backbone, splits, tmp_path, **config):
 def test_swag_posteriors_fit_sample_and_reload_exactly(cls, tiny_backbone, toy_splits, tmp_path):
     post, report = _fit(cls, tiny_backbone, toy_splits, tmp_path, swag={"epochs": 2, "max_rank": 3})
     assert report.extra["snapshots"] == 4 and report.extra["swag_rank"] == 3  # 8 SWA steps, every 2
+    assert report.extra["swa_steps"] == 8 and report.extra["collect_every"] == 2
     assert report.posterior_params == report.extra["posterior_dim"] * (2 + 3)
     loader = make_loader(toy_splits[2], 4)
     pred = post.predict(loader, 5)
