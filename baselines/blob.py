@@ -24,10 +24,9 @@ fresh noise (seeded), or ``num_samples = 0``: the mean weights (no noise), S = 1
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,15 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Posterior, Predictive
+from bayeslora import ConfigError, FitReport
 from bayeslora.adapters import ClassifierHooks
 from bayeslora.backbone import Backbone
 from bayeslora.config import AdapterConfig, check_choice
-from bayeslora.data import EncodedSplit, fit_loaders
-from bayeslora.predict import collect_predictive, sample_class_logits
-from bayeslora.training import TrainResult, final_train_loss, train
+from bayeslora.data import EncodedSplit
+from bayeslora.predict import sample_class_logits
+from bayeslora.training import final_train_loss
 
 from .hooked_adapter import HookedAdapter, target_modules
+from .hooked_posterior import HookedAdapterPosterior
 
 KL_WEIGHTINGS = ("constant", "minibatch")
 
@@ -79,8 +79,6 @@ class BlobAdapter(HookedAdapter):
             g = low + (init_std_eps - low) * torch.rand(r, d_in, generator=generator)
             self.G[key] = nn.Parameter(g.to(device))
             self.B[key] = nn.Parameter(torch.zeros(d_out, r, device=device))
-        self.noise = True
-        self.generator: torch.Generator | None = None
 
     def std(self, key: str) -> torch.Tensor:
         return self.G[key] ** 2
@@ -100,22 +98,13 @@ class BlobAdapter(HookedAdapter):
         m = self.M[key]
         x = x.to(m.dtype)
         hidden = x @ m.T
-        if self.noise:
+        if self.stochastic:
             per_example = (x.shape[0],) + (1,) * (x.dim() - 2)
             s_in = self._signs(per_example + (x.shape[-1],), x)
             s_out = self._signs(per_example + (m.shape[0],), x)
             e = self.std(key) * self._randn(tuple(m.shape), m)
             hidden = hidden + s_out * ((s_in * x) @ e.T)
         return self.scale * hidden @ self.B[key].T
-
-    @contextlib.contextmanager
-    def mean_weights(self) -> Iterator[None]:
-        """No noise inside the block: A = M."""
-        previous, self.noise = self.noise, False
-        try:
-            yield
-        finally:
-            self.noise = previous
 
 
 @dataclass
@@ -170,7 +159,7 @@ class BlobHooks(ClassifierHooks):
             return super().val_nll(loader)
 
 
-class Blob(Posterior):
+class Blob(HookedAdapterPosterior):
     """BLoB: Gaussian over LoRA A (Flipout), point-estimate B, closed-form KL; S forward passes."""
 
     name = "blob"
@@ -178,30 +167,22 @@ class Blob(Posterior):
     description = "BLoB: Gaussian LoRA A (std G^2, Flipout) + point B, closed-form KL, S forward passes"
     saves_state = True
 
-    def __init__(self, config: Any = None, **kwargs: Any):
-        super().__init__(config, **kwargs)
-        self.config.check()
-        self.adapter: BlobAdapter | None = None
-        self.train_result: TrainResult | None = None
-
-    def _build(self, backbone: Backbone) -> None:
+    def build_adapter(self, backbone: Backbone) -> BlobAdapter:
         lora = self.config.lora
-        self.adapter = BlobAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed,
-                                   init_std_eps=self.config.init_std_eps)
-        backbone.check_above_trunk(self.name, min(self.adapter.layer_indices()))
+        return BlobAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed,
+                           init_std_eps=self.config.init_std_eps)
+
+    def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> BlobHooks:
+        return BlobHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
+
+    def sample(self, batch: dict[str, Any], num_samples: int) -> torch.Tensor:
+        """Flipout draws noise per example, so ``samples_per_forward`` samples share one batched forward."""
+        return sample_class_logits(self.require_backbone(), batch, num_samples,
+                                   samples_per_forward=self.config.samples_per_forward)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
         start = time.perf_counter()
-        self._build(backbone)
-        settings = self.config.train
-        torch.manual_seed(self.seed)
-        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
-        hooks = BlobHooks(backbone, self.adapter, self.config, len(train_split), len(loader))
-        self.adapter.generator = None  # training noise from the global RNG, seeded above
-        with backbone.adapters_disabled(), self.adapter.active():
-            result = self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
-                                               desc=f"train {self.name}")
+        result = self.train_adapter(backbone, train_split, val)
         n_a = sum(p.numel() for p in self.adapter.M.values())
         return FitReport(fit_seconds=time.perf_counter() - start,
                          trainable_params=sum(p.numel() for p in self.adapter.parameters()),
@@ -209,28 +190,3 @@ class Blob(Posterior):
                          extra={"best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
                                 "kl": self.adapter.kl(self.config.prior_std).item(),
                                 "final_train_loss": final_train_loss(result)})
-
-    def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
-        backbone = self.require_backbone()
-        adapter = self.adapter
-        adapter.generator = torch.Generator(backbone.device).manual_seed(self.seed)
-
-        def sample(batch: dict[str, Any]) -> torch.Tensor:
-            if num_samples == 0:
-                with adapter.mean_weights():
-                    return backbone.class_logits(batch)[:, None]
-            return sample_class_logits(backbone, batch, num_samples,
-                                       samples_per_forward=self.config.samples_per_forward)
-
-        try:
-            with backbone.adapters_disabled(), adapter.active():
-                return collect_predictive(backbone, loader, sample, desc=self.name)
-        finally:
-            adapter.generator = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._build(self.require_backbone())
-        self.adapter.load_state_dict(state["adapter"])

@@ -2,7 +2,7 @@
 
 ``y = module(x) + update(key, x)``: the update is added by ``register_forward_hook`` (PyTorch's
 module-hook API) inside :meth:`HookedAdapter.active` and removed on exit, so the model and any peft
-adapters on it stay untouched. Used by PoLAR (:mod:`baselines.polar`) and LoRA-XS
+adapters on it stay untouched. Used by PoLAR (:mod:`baselines.polar`), BLoB, Bayesian-LoRA and LoRA-XS
 (:mod:`baselines.lora_xs`).
 """
 
@@ -40,12 +40,26 @@ def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Modul
 
 
 class HookedAdapter(nn.Module):
-    """Base class: subclasses define :meth:`update` (the added output for one module's input)."""
+    """Base class: subclasses define :meth:`update` (the added output for one module's input).
+
+    Stochastic adapters read :attr:`stochastic` (False inside :meth:`mean_weights`) and draw their
+    noise from :attr:`generator` (None: the global RNG)."""
 
     def __init__(self, modules: Mapping[str, nn.Module]):
         super().__init__()
         self.modules_by_key = {key.replace(".", "__"): m for key, m in modules.items()}
         self._handles: list[Any] = []
+        self.stochastic = True
+        self.generator: torch.Generator | None = None
+
+    @contextlib.contextmanager
+    def mean_weights(self) -> Iterator[None]:
+        """Inside the block the adapter uses its mean weights (no noise)."""
+        previous, self.stochastic = self.stochastic, False
+        try:
+            yield
+        finally:
+            self.stochastic = previous
 
     def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

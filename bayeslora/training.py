@@ -28,7 +28,8 @@ class TrainingHooks:
     """What a method plugs into the loop. Subclasses must implement :meth:`loss`."""
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW parameter groups (dicts with 'params' and optional 'lr'/'weight_decay')."""
+        """AdamW parameter groups (dicts with 'params' and optional 'lr'/'weight_decay'; 'clip': False
+        leaves a group out of the gradient-norm clipping)."""
         raise NotImplementedError
 
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
@@ -115,6 +116,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
         raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be positive")
     groups = hooks.param_groups()
     params = [p for g in groups for p in g["params"]]
+    clipped = [p for g in groups if g.get("clip", True) for p in g["params"]]
     if not params:
         raise ConfigError(f"{desc}: no trainable parameters were given to the training loop")
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -142,7 +144,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
         hooks.transform_gradients()
         if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(clipped, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1

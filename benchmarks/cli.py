@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command: methods, assets, run, leaderboard, report, profile, path."""
+"""The ``bayeslora`` command: methods, assets, run, leaderboard, report, profile, path, params."""
 
 from __future__ import annotations
 
@@ -106,6 +106,24 @@ def _cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_params(args: argparse.Namespace) -> int:
+    from bayeslora import get_method
+    from bayeslora.meta import meta_backbone
+
+    from .suite import apply_overrides
+
+    cls = get_method(args.method)
+    counter = getattr(cls, "count_parameters", None)
+    if counter is None:
+        raise ConfigError(f"method {args.method!r} does not count its parameters without fitting; "
+                          f"methods that do: bayesian_lora")
+    backbone = meta_backbone(args.model)
+    counts = counter(backbone, apply_overrides({}, args.set))
+    for what, n in counts.items():
+        print(f"{what:<14} {n:>14,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayeslora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -140,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("--max-examples", type=int, help="first N examples of each split (default: all)")
     path.add_argument("--batch-size", type=int, help="evaluation batch size (default 16)")
     path.set_defaults(func=_cmd_path)
+    params = sub.add_parser("params", help="a method's parameter counts on a model config, without loading weights")
+    params.add_argument("method", help="a registered method, e.g. bayesian_lora")
+    params.add_argument("--model", required=True,
+                        help="folder with a config.json (e.g. configs/models/qwen2.5-7b), hub id or bundled alias")
+    params.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the method's config, e.g. --set lora.target_modules=[q_proj,v_proj]")
+    params.set_defaults(func=_cmd_params)
     return parser
 
 

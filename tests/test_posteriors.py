@@ -88,3 +88,28 @@ def test_early_stopping_restores_best_epoch(tiny_backbone, toy_splits):
     assert result.best_val_nll == pytest.approx(min(vals))
     assert hooks.val_nll(make_loader(toy_splits[1], 8)) == pytest.approx(min(vals), rel=1e-5)
     assert all(math.isfinite(v) for v in vals)
+
+
+def test_groups_marked_clip_false_are_left_out_of_gradient_clipping():
+    from bayeslora.training import TrainingHooks
+
+    class TwoGroups(TrainingHooks):
+        def __init__(self):
+            self.big, self.small = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(3))
+            self.grads: list[tuple[float, float]] = []
+
+        def param_groups(self):
+            return [{"params": [self.small]}, {"params": [self.big], "clip": False}]
+
+        def loss(self, batch, step):
+            return 1000.0 * self.big + 5.0 * self.small.sum()
+
+        def on_step_end(self, step, epoch):
+            self.grads.append((float(self.big.grad), float(self.small.grad.norm())))
+
+    hooks = TwoGroups()
+    train(hooks, [{}] * 2, TrainSettings(epochs=1, batch_size=1, progress=False, max_grad_norm=1.0),
+          torch.device("cpu"))
+    big, small = hooks.grads[0]
+    assert big == pytest.approx(1000.0)  # untouched
+    assert small == pytest.approx(1.0, rel=1e-4)  # clipped alone: 5 sqrt(3) -> 1

@@ -1,0 +1,225 @@
+"""Bayesian-LoRA: inducing-weight variational posterior over LoRA factors (METHODS.md section 9) [code].
+
+Every configured LoRA factor (A: r x d_in and B: d_out x r of each target module, by default q_proj,
+and of the answer head) is an :class:`~baselines.inducing_weights.InducingFactor`: a 9 x 9 inducing
+matrix U with a Gaussian q(U) is mapped to the factor by the conditional mean of a Kronecker-
+structured Gaussian prior, plus small conditional noise lambda eps (Matheron's rule). The update of
+a target module is y = W0 x + (alpha/r) B A x, added by a forward hook
+(:class:`~baselines.hooked_adapter.HookedAdapter`); the answer head's is
+z = W_lm[answer_ids] h + (alpha/r) B[answer_ids] A h, where B spans the whole vocabulary as a LoRA on
+the LM head would, but only the K answer rows are ever read.
+
+Fit, prediction and saving follow :class:`~baselines.hooked_posterior.HookedAdapterPosterior`.
+Objective per minibatch (the shared training loop): mean CE under one draw of every factor plus
+``kl_weight`` x KL / N, KL = sum over factors of KL(q(U) || p(U)) + KL(q(W|U) || p(W|U)).
+The inducing locations Z and diagonals D (the prior's hyperparameters), q(U) and lambda are all
+learned. Prediction: S forward passes, each with fresh draws (seeded), or ``num_samples = 0``: the
+factors at E_q[U] without conditional noise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bayeslora import ConfigError, FitReport
+from bayeslora.adapters import ClassifierHooks
+from bayeslora.backbone import Backbone, mask_choices
+from bayeslora.config import AdapterConfig, LoraSettings
+from bayeslora.data import EncodedSplit
+from bayeslora.training import final_train_loss
+
+from .hooked_adapter import HookedAdapter, target_modules
+from .hooked_posterior import HookedAdapterPosterior
+from .inducing_weights import InducingFactor, InducingSettings, inducing_factor_parameter_count
+
+HEAD_KEY = "answer_head"
+
+
+class InducingLoraAdapter(HookedAdapter):
+    """Inducing-weight LoRA factors ``A`` (r x d_in) and ``B`` (d_out x r) per target module and,
+    with ``head_shape`` = (vocabulary, hidden), for the answer head."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], r: int, alpha: float, settings: InducingSettings,
+                 head_shape: tuple[int, int] | None = None, seed: int = 0,
+                 device: torch.device | str | None = None):
+        super().__init__(modules)
+        generator = torch.Generator().manual_seed(seed)
+        self.scale = alpha / r
+        self.factors = nn.ModuleDict()
+        for key, module in self.modules_by_key.items():
+            self.factors[key] = _factor_pair(module.out_features, module.in_features, r, settings, generator, device)
+        if head_shape is not None:
+            self.factors[HEAD_KEY] = _factor_pair(*head_shape, r, settings, generator, device)
+
+    @property
+    def has_head(self) -> bool:
+        return HEAD_KEY in self.factors
+
+    def draw(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of ``key``: a posterior draw, or the mean factors outside :attr:`stochastic`."""
+        pair = self.factors[key]
+        return pair["A"](self.generator, self.stochastic), pair["B"](self.generator, self.stochastic)
+
+    def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) B A x with one draw of (A, B) for this forward."""
+        a, b = self.draw(key)
+        return self.scale * (x.to(a.dtype) @ a.T) @ b.T
+
+    def head_update(self, features: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) B[answer_ids] A h, (batch, K)."""
+        a, b = self.draw(HEAD_KEY)
+        return self.scale * (features.to(a.dtype) @ a.T) @ b[answer_ids.to(b.device)].T
+
+    def kl_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum KL(q(U)||p(U)), sum KL(q(W|U)||p(W|U))) over all factors."""
+        factors = [f for pair in self.factors.values() for f in pair.values()]
+        with torch.autocast(factors[0].z_row.device.type, enabled=False):  # float32, as the draws
+            return sum(f.kl_inducing() for f in factors), sum(f.kl_conditional() for f in factors)
+
+    def variational_parameter_count(self) -> int:
+        """Parameters of q(U) and lambda (the posterior); Z and D are the prior's hyperparameters."""
+        return sum(f.variational_parameter_count() for pair in self.factors.values() for f in pair.values())
+
+    def mean_lambda(self) -> float:
+        lams = [float(f.lam.detach()) for pair in self.factors.values() for f in pair.values()]
+        return sum(lams) / len(lams)
+
+
+def _factor_pair(d_out: int, d_in: int, r: int, settings: InducingSettings, generator: torch.Generator,
+                 device: torch.device | str | None) -> nn.ModuleDict:
+    return nn.ModuleDict({"A": InducingFactor(r, d_in, settings, generator, device),
+                          "B": InducingFactor(d_out, r, settings, generator, device)})
+
+
+def parameter_count(shapes: Mapping[str, tuple[int, int]], r: int, settings: InducingSettings) -> dict[str, int]:
+    """Parameters of Bayesian-LoRA on modules of (d_out, d_in) ``shapes`` and of plain LoRA on the same:
+    ``bayesian_lora`` = sum over factors of M_r d_out + M_c d_in + M_r + M_c + |q(U)| + 1,
+    ``lora`` = sum r (d_in + d_out), ``extra`` = their difference."""
+    total = sum(inducing_factor_parameter_count(r, d_in, settings) + inducing_factor_parameter_count(d_out, r, settings)
+                for d_out, d_in in shapes.values())
+    lora = sum(r * (d_in + d_out) for d_out, d_in in shapes.values())
+    return {"bayesian_lora": total, "lora": lora, "extra": total - lora}
+
+
+def adapted_shapes(lm: nn.Module, modules: Mapping[str, nn.Module], answer_head: bool) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each target module and, with ``answer_head``, of the LM head (vocab, hidden)."""
+    shapes = {key: (m.out_features, m.in_features) for key, m in modules.items()}
+    if answer_head:
+        head = lm.get_output_embeddings()
+        shapes[HEAD_KEY] = (head.weight.shape[0], head.weight.shape[1])
+    return shapes
+
+
+def _default_lora() -> LoraSettings:
+    return LoraSettings(target_modules=["q_proj"])
+
+
+@dataclass
+class BayesianLoraConfig(AdapterConfig):
+    """``inducing``: the inducing-weight layer (U size, q(U), prior, lambda); ``answer_head``: also
+    put the posterior over the answer head's LoRA factors; ``kl_weight``: beta in CE + beta KL / N;
+    ``lora.target_modules`` defaults to q_proj (the authors' setting; suites may override)."""
+
+    lora: LoraSettings = field(default_factory=_default_lora)
+    inducing: InducingSettings = field(default_factory=InducingSettings)
+    answer_head: bool = True
+    kl_weight: float = 1.0
+
+    def check(self) -> None:
+        self.inducing.check()
+        if self.kl_weight < 0:
+            raise ConfigError(f"bayesian_lora kl_weight must be >= 0, got {self.kl_weight}")
+
+
+class BayesianLoraHooks(ClassifierHooks):
+    """mean CE (one draw) + beta KL / N over all inducing parameters; validation at the mean factors."""
+
+    def __init__(self, backbone: Backbone, adapter: InducingLoraAdapter, kl_weight: float, n_train: int):
+        super().__init__(backbone, dict(adapter.named_parameters()))
+        self.adapter, self.kl_weight, self.n_train = adapter, kl_weight, n_train
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """No weight decay (the KL is the regulariser). The lambdas' group is left out of the gradient-norm
+        clipping: the conditional KL gives each rho a gradient of about d_out d_in / N, thousands of times
+        the likelihood's, and clipping the joint norm would shrink every other step to nothing."""
+        rhos = [f.rho for pair in self.adapter.factors.values() for f in pair.values()
+                if isinstance(f.rho, nn.Parameter)]
+        rho_ids = {id(p) for p in rhos}
+        rest = [p for p in self.adapter.parameters() if id(p) not in rho_ids]
+        groups = [{"params": rest, "weight_decay": 0.0}]
+        return groups + ([{"params": rhos, "weight_decay": 0.0, "clip": False}] if rhos else [])
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return class_logits(self.backbone, self.adapter, batch)
+
+    def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        logits = self.logits(batch)
+        nll = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        kl_u, kl_w = self.adapter.kl_terms()
+        return nll + self.kl_weight * (kl_u + kl_w) / self.n_train
+
+    def val_nll(self, loader: DataLoader) -> float:
+        with self.adapter.mean_weights():
+            return super().val_nll(loader)
+
+
+def class_logits(backbone: Backbone, adapter: InducingLoraAdapter, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, K) answer logits with the adapter's module hooks active and its answer-head update added."""
+    features = backbone.features(batch)
+    logits = backbone.head_logits(features, batch, masked=False)
+    if adapter.has_head:
+        logits = logits + adapter.head_update(features, batch["answer_ids"])
+    return mask_choices(logits, batch["choice_mask"].to(logits.device))
+
+
+class BayesianLora(HookedAdapterPosterior):
+    """Inducing-point (sparse-GP style) variational posterior over LoRA factors; S forward passes."""
+
+    name = "bayesian_lora"
+    Config = BayesianLoraConfig
+    description = "Bayesian-LoRA: inducing-weight (9x9 U, Kronecker prior, Matheron noise) posterior over LoRA factors"
+    saves_state = True
+
+    def build_adapter(self, backbone: Backbone) -> InducingLoraAdapter:
+        lora = self.config.lora
+        head = backbone.lm.get_output_embeddings().weight
+        return InducingLoraAdapter(target_modules(backbone, lora), lora.r, lora.alpha, self.config.inducing,
+                                   head_shape=tuple(head.shape) if self.config.answer_head else None,
+                                   seed=self.seed, device=backbone.device)
+
+    def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> BayesianLoraHooks:
+        return BayesianLoraHooks(backbone, self.adapter, self.config.kl_weight, n_train)
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return class_logits(self.require_backbone(), self.adapter, batch)
+
+    @classmethod
+    def count_parameters(cls, backbone: Backbone, config: Any = None) -> dict[str, int]:
+        """{bayesian_lora, lora, extra} parameter counts on ``backbone`` without building anything (a
+        :func:`~bayeslora.meta.meta_backbone` of a 7B config works: only module shapes are read)."""
+        config = cls.make_config(config)
+        modules = target_modules(backbone, config.lora)
+        return parameter_count(adapted_shapes(backbone.lm, modules, config.answer_head), config.lora.r,
+                               config.inducing)
+
+    def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        start = time.perf_counter()
+        result = self.train_adapter(backbone, train_split, val)
+        counts = self.count_parameters(backbone, self.config)
+        with torch.no_grad():
+            kl_u, kl_w = self.adapter.kl_terms()
+        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=counts["bayesian_lora"],
+                         posterior_params=self.adapter.variational_parameter_count(), train_steps=result.steps,
+                         extra={"best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
+                                "final_train_loss": final_train_loss(result),
+                                "extra_params_over_lora": counts["extra"], "lora_params": counts["lora"],
+                                "kl_inducing": float(kl_u), "kl_conditional": float(kl_w),
+                                "mean_lambda": self.adapter.mean_lambda()})
