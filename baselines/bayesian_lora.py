@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport
+from bayeslora import ConfigError, FitReport, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks
 from bayeslora.backbone import Backbone, mask_choices
 from bayeslora.config import AdapterConfig, LoraSettings
@@ -187,6 +187,11 @@ class BayesianLora(HookedAdapterPosterior):
     Config = BayesianLoraConfig
     description = "Bayesian-LoRA: inducing-weight (9x9 U, Kronecker prior, Matheron noise) posterior over LoRA factors"
     saves_state = True
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """Every inducing-weight parameter (:meth:`count_parameters`) trains."""
+        return ResourceNeeds(trainable=cls.count_parameters(backbone, config)["bayesian_lora"])
 
     def build_adapter(self, backbone: Backbone) -> InducingLoraAdapter:
         lora = self.config.lora

@@ -33,9 +33,9 @@ from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Posterior, Predictive
+from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import AdapterConfig, check_choice
 from bayeslora.data import EncodedSplit, fit_loaders
 from bayeslora.predict import predict_with_weights
@@ -134,6 +134,11 @@ class BbbLora(Posterior):
     Config = BbbConfig
     description = "Bayes-by-backprop LoRA: mean-field Gaussian over A and B, pyro SVI (ELBO), S forward passes"
     saves_state = True
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """A mean and a scale per LoRA parameter."""
+        return ResourceNeeds(trainable=2 * lora_parameter_count(backbone, config.lora))
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

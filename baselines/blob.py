@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport
+from bayeslora import ConfigError, FitReport, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import AdapterConfig, check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import sample_class_logits
@@ -166,6 +166,12 @@ class Blob(HookedAdapterPosterior):
     Config = BlobConfig
     description = "BLoB: Gaussian LoRA A (std G^2, Flipout) + point B, closed-form KL, S forward passes"
     saves_state = True
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """M and B (a LoRA adapter's worth) plus G, one per entry of A."""
+        g = sum(config.lora.r * m.in_features for m in target_modules(backbone, config.lora).values())
+        return ResourceNeeds(trainable=lora_parameter_count(backbone, config.lora) + g)
 
     def build_adapter(self, backbone: Backbone) -> BlobAdapter:
         lora = self.config.lora

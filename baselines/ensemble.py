@@ -15,9 +15,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive
+from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
 from bayeslora.adapters import fit_lora_adapter
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive, sample_class_logits
 
@@ -38,6 +38,13 @@ class DeepEnsemble(MapLora):
     Config = EnsembleConfig
     description = "deep ensemble of M MAP LoRA adapters (cached MAP seeds reused), S=M"
     deterministic = False
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """M adapters trained one after another (or reused from the MAP cache), all M held to predict."""
+        lora = lora_parameter_count(backbone, config.lora)
+        return ResourceNeeds(trainable=lora, stored=(config.members - 1) * lora, training_runs=config.members,
+                             predict_passes=config.members)
 
     def member_seeds(self) -> list[int]:
         if self.config.members < 1:

@@ -9,34 +9,16 @@ adapters on it stay untouched. Used by PoLAR (:mod:`baselines.polar`), BLoB, Bay
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from bayeslora import ConfigError
-from bayeslora.backbone import Backbone
-from bayeslora.config import LoraSettings
+from bayeslora.backbone import LAYER_INDEX, target_modules
 
-LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+__all__ = ["LAYER_INDEX", "HookedAdapter", "target_modules"]
 
-
-def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Module]:
-    """The modules ``lora`` names (``target_modules`` in ``lora.layers``), keyed "layers.<i>.<path>"."""
-    layers = backbone.adapted_layers(lora)
-    found: dict[str, nn.Module] = {}
-    for name, module in backbone.lm.named_modules():
-        match = LAYER_INDEX.search(name)
-        if match is None or name.rsplit(".", 1)[-1] not in lora.target_modules:
-            continue
-        if layers is not None and int(match.group(1)) not in layers:
-            continue
-        found[name[match.start():].lstrip(".")] = module
-    if not found:
-        raise ConfigError(f"no modules named {lora.target_modules} in layers {layers} of {backbone.model_id}")
-    return found
 
 
 class HookedAdapter(nn.Module):

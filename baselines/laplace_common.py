@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive
-from bayeslora.backbone import Backbone
+from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
@@ -160,6 +160,19 @@ class LaplacePosterior(MapLora):
 
     deterministic = False
     dict_key_x: str = "input_ids"
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """The MAP adapter, the curvature factors of :func:`structure_bytes` over :meth:`laplace_shapes`,
+        and one linearised pass per example (the S samples are drawn in logit space)."""
+        lora = lora_parameter_count(backbone, config.lora)
+        factors = structure_bytes(cls.laplace_shapes(backbone, config, num_classes), config.hessian_structure) // 4
+        return ResourceNeeds(trainable=lora, stored=factors, predict_passes=1)
+
+    @classmethod
+    def laplace_shapes(cls, backbone: Backbone, config: Any, num_classes: int) -> list[tuple[int, ...]]:
+        """Shapes of the weights the Laplace approximation is over."""
+        raise NotImplementedError
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bayeslora.backbone import Backbone
 from bayeslora.data import EncodedSplit
 from bayeslora.features import cached_features, check_answer_ids, feature_batch
 
@@ -55,6 +56,11 @@ class LastLayerLaplace(LaplacePosterior):
     dict_key_x = "features"
     Config = LastLayerLaplaceConfig
     description = "last-layer Laplace on the K answer rows (laplace-torch, GLM), one backbone pass, S samples"
+
+    @classmethod
+    def laplace_shapes(cls, backbone: Backbone, config: Any, num_classes: int) -> list[tuple[int, ...]]:
+        """The K answer rows of the LM head, (K, H)."""
+        return [(num_classes, backbone.hidden_size)]
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

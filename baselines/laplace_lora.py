@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, target_modules
 from bayeslora.data import EncodedSplit, make_loader
 
 from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
@@ -48,6 +48,13 @@ class LaplaceLora(LaplacePosterior):
     name = "laplace_lora"
     Config = LaplaceLoraConfig
     description = "Laplace-LoRA (laplace-torch, K-FAC GGN, marglik prior, GLM predictive), S samples"
+
+    @classmethod
+    def laplace_shapes(cls, backbone: Backbone, config: Any, num_classes: int) -> list[tuple[int, ...]]:
+        """Every LoRA A (r x d_in) and B (d_out x r)."""
+        r = config.lora.r
+        return [s for m in target_modules(backbone, config.lora).values()
+                for s in ((r, m.in_features), (m.out_features, r))]
 
     def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
         backbone = self.require_backbone()

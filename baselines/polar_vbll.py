@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Posterior, Predictive
-from bayeslora.backbone import Backbone
+from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit, fit_loaders
 from bayeslora.features import check_answer_ids, feature_batch
@@ -98,6 +98,14 @@ class PolarVbll(Posterior):
     name = "polar_vbll"
     Config = PolarVbllConfig
     description = "PoLAR adapter (landing field) + VBLL head, alternating ELBO steps, one backbone pass"
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """X (d_out x r), Theta (r x r), Y (d_in x r) per module and the head's 2 K H, trained together;
+        one backbone pass per test example."""
+        r = config.lora.r
+        adapter = lora_parameter_count(backbone, config.lora) + r * r * len(target_modules(backbone, config.lora))
+        return ResourceNeeds(trainable=adapter + 2 * num_classes * backbone.hidden_size, predict_passes=1)
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from bayeslora import FitReport, Posterior, Predictive
+from bayeslora import FitReport, Posterior, Predictive, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import AdapterConfig, TrainSettings
 from bayeslora.data import EncodedSplit, fit_loaders, make_loader
 from bayeslora.predict import collect_predictive
@@ -151,6 +151,12 @@ class SwagLora(_SwagPosterior):
     name = "swag_lora"
     description = "SWAG over LoRA A,B (SWA phase from the MAP adapter), S forward passes"
 
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """MAP adapter, then the SWA phase; SWAG keeps the mean, second moment and K deviations."""
+        lora = lora_parameter_count(backbone, config.lora)
+        return ResourceNeeds(trainable=lora, stored=(config.swag.max_rank + 2) * lora, training_runs=2)
+
     def weights(self) -> dict[str, torch.nn.Parameter]:
         return self.require_backbone().lora_parameters(self.adapter_name)
 
@@ -186,6 +192,15 @@ class BLoraXs(_SwagPosterior):
     name = "blora_xs"
     Config = BLoraXsConfig
     description = "B-LoRA-XS: LoRA-XS (SVD factors frozen, r x r trained) + SWAG over R, S forward passes"
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """r x r R per module trained; SWAG moments and K deviations over them; frozen SVD factors."""
+        modules = target_modules(backbone, config.lora)
+        r_params = len(modules) * config.lora.r**2
+        frozen = lora_parameter_count(backbone, config.lora)
+        return ResourceNeeds(trainable=r_params, stored=(config.swag.max_rank + 2) * r_params + frozen,
+                             training_runs=2)
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from bayeslora import FitReport, Predictive
-from bayeslora.backbone import Backbone
+from bayeslora import FitReport, Predictive, ResourceNeeds
+from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.features import FeatureSet, adapter_context, cached_features, check_answer_ids, feature_batch
@@ -51,6 +51,14 @@ class VbllLastLayer(MapLora):
     Config = VbllConfig
     description = "VBLL head (vbll package, Jensen ELBO) on cached MAP-adapter features, one backbone pass"
     deterministic = False
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """The MAP adapter (trained or cached), then the head's mean and variance (2 K H) on cached
+        features; one backbone pass per test example."""
+        lora = lora_parameter_count(backbone, config.lora)
+        return ResourceNeeds(trainable=lora, stored=2 * num_classes * backbone.hidden_size, training_runs=2,
+                             predict_passes=1)
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

@@ -6,7 +6,7 @@
 """
 
 from .errors import BayesLoraError, ConfigError, DataError, TrainingError, UnknownMethodError
-from .posterior import FitReport, Posterior
+from .posterior import FitReport, Posterior, ResourceNeeds
 from .predictive import Cost, Predictive
 from .registry import ENTRY_POINT_GROUP, available_methods, get_method, register
 
@@ -14,5 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ENTRY_POINT_GROUP", "BayesLoraError", "ConfigError", "Cost", "DataError", "FitReport", "Posterior",
-    "Predictive", "TrainingError", "UnknownMethodError", "available_methods", "get_method", "register",
+    "Predictive", "ResourceNeeds", "TrainingError", "UnknownMethodError", "available_methods", "get_method",
+    "register",
 ]

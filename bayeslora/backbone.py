@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from .profiling import phase
 from .trunk import TrunkCache, position_ids_from_mask, supports_trunk_cache, trunk_fingerprint
 
 log = logging.getLogger(__name__)
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 HUB_ALIASES = {
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
@@ -352,6 +355,27 @@ class _AnswerLogits(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self._class_logits(batch)
+
+
+def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Module]:
+    """The modules ``lora`` names (``target_modules`` in ``lora.layers``), keyed "layers.<i>.<path>"."""
+    layers = backbone.adapted_layers(lora)
+    found: dict[str, nn.Module] = {}
+    for name, module in backbone.lm.named_modules():
+        match = LAYER_INDEX.search(name)
+        if match is None or name.rsplit(".", 1)[-1] not in lora.target_modules:
+            continue
+        if layers is not None and int(match.group(1)) not in layers:
+            continue
+        found[name[match.start():].lstrip(".")] = module
+    if not found:
+        raise ConfigError(f"no modules named {lora.target_modules} in layers {layers} of {backbone.model_id}")
+    return found
+
+
+def lora_parameter_count(backbone: Backbone, lora: LoraSettings) -> int:
+    """sum over the target modules of r (d_in + d_out): LoRA's A and B."""
+    return sum(lora.r * (m.in_features + m.out_features) for m in target_modules(backbone, lora).values())
 
 
 def mask_choices(logits: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:

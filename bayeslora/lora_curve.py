@@ -34,14 +34,14 @@ from torch.utils.data import DataLoader
 
 from .adapters import fit_lora_adapter
 from .artifacts import ArtifactStore
-from .backbone import Backbone
+from .backbone import Backbone, lora_parameter_count
 from .config import AdapterConfig, TrainSettings, check_choice
 from .curve import BezierCurve, Weights, interpolate, num_control_points
 from .data import EncodedSplit, fit_loaders
 from .errors import ConfigError
 from .metrics import log_predictive
 from .paths import WeightPath
-from .posterior import FitReport, Posterior
+from .posterior import FitReport, Posterior, ResourceNeeds
 from .predict import predict_with_weights
 from .predictive import Predictive
 from .training import TrainingHooks, train
@@ -191,6 +191,17 @@ class LoraCurve(Posterior):
     Config = LoraCurveConfig
     description = "LoRA-Curve: segmented Bezier curve in LoRA space (anchored on MAP adapters or free), S points"
     saves_state: ClassVar[bool] = True
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """Anchored: M MAP anchors (trained or cached) held frozen while the (M-1)(n-1) interior control
+        points train; free: all (M-1) n + 1 points train. Each point is one LoRA adapter."""
+        lora = lora_parameter_count(backbone, config.lora)
+        points = num_control_points(config.anchors, config.degree)
+        if config.mode == "anchored":
+            return ResourceNeeds(trainable=(points - config.anchors) * lora, stored=config.anchors * lora,
+                                 training_runs=config.anchors + 1)
+        return ResourceNeeds(trainable=points * lora)
 
     def __init__(self, config: Any = None, *, seed: int = 0, artifacts: ArtifactStore | None = None):
         super().__init__(config, seed=seed, artifacts=artifacts)

@@ -31,6 +31,22 @@ class FitReport:
 
 
 @dataclass
+class ResourceNeeds:
+    """What one run of a method needs beyond the frozen backbone (counts of numbers, for ``bayeslora plan``).
+
+    ``trainable``: parameters the optimiser updates at one time (each an fp32 value, its gradient and two
+    AdamW moments); ``stored``: further fp32 numbers the posterior holds (frozen anchors or ensemble
+    members, SWAG moments and deviations, Laplace factors, frozen SVD factors); ``training_runs``:
+    trainings of that size one after another (ensemble members, curve anchors + the curve), 0 for none;
+    ``predict_passes``: backbone passes per test example (None: S, the suite's ``num_samples``)."""
+
+    trainable: int = 0
+    stored: int = 0
+    training_runs: int = 1
+    predict_passes: int | None = None
+
+
+@dataclass
 class EmptyConfig:
     """For methods without hyperparameters."""
 
@@ -102,6 +118,19 @@ class Posterior(abc.ABC):
 
     def release(self) -> None:  # noqa: B027 - optional hook, a no-op unless a method adds adapters
         """Free adapters this posterior added to its backbone (the runner calls this after each run)."""
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """Counts for :class:`ResourceNeeds` from module shapes only (``backbone`` may live on the meta
+        device). Default: one LoRA adapter of ``config.lora`` trained by the shared loop (none without
+        ``lora``), S passes per example (1 for deterministic methods). Methods override it."""
+        from .backbone import lora_parameter_count
+        from .config import LoraSettings
+
+        lora = getattr(config, "lora", None)
+        trainable = lora_parameter_count(backbone, lora) if isinstance(lora, LoraSettings) else 0
+        return ResourceNeeds(trainable=trainable, training_runs=int(trainable > 0),
+                             predict_passes=1 if cls.deterministic else None)
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)

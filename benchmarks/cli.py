@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command: methods, assets, run, leaderboard, report, profile, path, params."""
+"""The ``bayeslora`` command: methods, assets, run, leaderboard, report, profile, path, plan, params."""
 
 from __future__ import annotations
 
@@ -106,6 +106,22 @@ def _cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import Device, format_plan, plan_suite
+    from .suite import load_suite
+
+    suite = load_suite(args.suite, args.set)
+    table = plan_suite(suite, Device.detect(args.gpu_memory))
+    print(format_plan(table))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"written: {args.csv}", file=sys.stderr)
+    too_big = int((~table["fits"]).sum())
+    if too_big:
+        print(f"{too_big} of {len(table)} rows will not fit on the device", file=sys.stderr)
+    return 0
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from bayeslora import get_method
     from bayeslora.meta import meta_backbone
@@ -158,10 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("--max-examples", type=int, help="first N examples of each split (default: all)")
     path.add_argument("--batch-size", type=int, help="evaluation batch size (default 16)")
     path.set_defaults(func=_cmd_path)
+    plan = sub.add_parser("plan", help="parameters, memory and passes of every run of a suite, without weights")
+    plan.add_argument("suite", help="suite YAML, e.g. configs/suites/commonsense-qwen2.5-7b.yaml")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite value")
+    plan.add_argument("--gpu-memory", type=float, metavar="GB",
+                      help="memory of one GPU (default: the visible GPU's, else 80)")
+    plan.add_argument("--csv", help="also write the table as CSV")
+    plan.set_defaults(func=_cmd_plan)
     params = sub.add_parser("params", help="a method's parameter counts on a model config, without loading weights")
     params.add_argument("method", help="a registered method, e.g. bayesian_lora")
     params.add_argument("--model", required=True,
-                        help="folder with a config.json (e.g. configs/models/qwen2.5-7b), hub id or bundled alias")
+                        help="a shipped config (Qwen/Qwen2.5-7B), a folder with config.json, a hub id or an alias")
     params.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the method's config, e.g. --set lora.target_modules=[q_proj,v_proj]")
     params.set_defaults(func=_cmd_params)

@@ -1,0 +1,70 @@
+"""`bayeslora plan`: counts from the Qwen2.5-7B config on the meta device, against numbers worked out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.plan import GB, Device, plan_suite
+from benchmarks.suite import load_suite
+
+QWEN_SUITE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "commonsense-qwen2.5-7b.yaml"
+H, KV, LAYERS = 3584, 512, 28  # Qwen2.5-7B: hidden 3584, 4 KV heads x 128, 28 layers
+
+
+@pytest.fixture(scope="module")
+def qwen_plan():
+    methods = "methods=[map, laplace_lora, {name: ensemble, config: {members: 3}}, zero_shot]"
+    suite = load_suite(QWEN_SUITE, ["datasets=[arc_easy]", methods, "path=null"])
+    return plan_suite(suite, Device(gpu_memory_gb=80.0, cpu_memory_gb=64.0)).set_index("method")
+
+
+def test_qwen_7b_parameter_counts_match_the_model_and_hand_counted_lora(qwen_plan):
+    assert set(qwen_plan["base_params"]) == {7_615_616_512}  # Qwen2.5-7B's published total, 7.62B
+    r = 8
+    lora_qv = LAYERS * (r * (H + H) + r * (H + KV))  # q_proj: 3584 -> 3584, v_proj: 3584 -> 512
+    assert qwen_plan.loc["map", "lora_params"] == lora_qv == 2_523_136
+    assert qwen_plan.loc["map", "trainable"] == lora_qv
+    assert qwen_plan.loc["ensemble", "stored"] == 2 * lora_qv  # 3 members: one training, two held
+    assert qwen_plan.loc["ensemble", "predict_passes_per_example"] == 3
+    assert qwen_plan.loc["zero_shot", "trainable"] == 0 and qwen_plan.loc["zero_shot", "train_gb"] == 0
+
+
+def test_laplace_kfac_factors_counted_by_hand(qwen_plan):
+    r = 8
+    kron = lambda rows, cols: 2 * (rows**2 + cols**2)  # factors, kept twice (precision + eigendecomposition)
+    per_layer = kron(r, H) + kron(H, r) + kron(r, H) + kron(KV, r)  # q: A, B; v: A, B
+    assert qwen_plan.loc["laplace_lora", "stored"] == LAYERS * per_layer
+    assert qwen_plan.loc["laplace_lora", "train_gb"] - qwen_plan.loc["map", "train_gb"] == pytest.approx(
+        4 * LAYERS * per_layer / GB)
+
+
+def test_weights_dominate_and_a_small_gpu_is_flagged(qwen_plan):
+    weights_gb = 7_615_616_512 * 2 / GB  # bf16
+    assert weights_gb < qwen_plan.loc["map", "train_gb"] < weights_gb + 3
+    assert qwen_plan["fits"].all()
+    suite = load_suite(QWEN_SUITE, ["datasets=[arc_easy]", "methods=[map]", "seeds=[0]", "path=null"])
+    small = plan_suite(suite, Device(gpu_memory_gb=12.0, cpu_memory_gb=64.0))
+    assert not small["fits"].any()
+    four_bit = plan_suite(load_suite(QWEN_SUITE, ["datasets=[arc_easy]", "methods=[map]", "seeds=[0]",
+                                                  "path=null", "model.load_in_bits=4"]), Device(12.0, 64.0))
+    assert four_bit["fits"].all() and four_bit["train_gb"].iloc[0] < 7
+
+
+def test_plan_command_prints_the_table(capsys):
+    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[bayesian_lora]",
+                 "--set", "path=null", "--gpu-memory", "16"]) == 0
+    out = capsys.readouterr()
+    assert "7,615,616,512" in out.out and "bayesian_lora" in out.out and "NO (> 16 GB gpu)" in out.out
+    assert "will not fit" in out.err
+
+
+def test_meta_backbone_reads_a_local_config_folder_like_the_shipped_one(tmp_path):
+    from bayeslora.meta import meta_backbone, packaged_config
+
+    (tmp_path / "config.json").write_text(packaged_config("Qwen/Qwen2.5-7B").read_text())
+    local = meta_backbone(str(tmp_path))
+    assert sum(p.numel() for p in local.lm.parameters()) == 7_615_616_512
+    assert next(local.lm.parameters()).device.type == "meta"
