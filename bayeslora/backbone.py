@@ -437,7 +437,8 @@ def _quantization_config(bits: int) -> Any:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
-        raise ConfigError("model.load_in_bits needs the bitsandbytes package: pip install bitsandbytes") from exc
+        raise ConfigError("model.load_in_bits needs bitsandbytes (CUDA): "
+                          "pip install 'bayeslora[quantization]'") from exc
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
                                   bnb_4bit_quant_type="nf4")

@@ -30,10 +30,15 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import Runner
-    from .suite import load_suite
+    from .suite import apply_overrides, load_suite
 
     suite = load_suite(args.suite, args.set)
-    executed = Runner(suite, args.out).run()
+    executor = None
+    if args.executor != "local":
+        from .executors import make_executor
+
+        executor = make_executor(args.executor, args.out, apply_overrides({}, args.executor_option))
+    executed = Runner(suite, args.out).run(executor)
     print(f"{len(executed)} runs executed, {len(suite.runs) - len(executed)} already finished; "
           f"results in {args.out}/results.csv")
     return 0
@@ -151,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a suite value, e.g. --set data.max_test=32 (repeatable)")
+    run.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                     help="where runs execute: here one after another (default), a Ray cluster, or Slurm (submitit)")
+    run.add_argument("--executor-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="executor setting, e.g. address=auto, num_gpus=1, retries=2 (ray); cluster=local, "
+                          "parameters.slurm_partition=gpu, parameters.gpus_per_node=1 (slurm)")
     run.set_defaults(func=_cmd_run)
     board = sub.add_parser("leaderboard", help="aggregate a results folder over seeds")
     board.add_argument("dir", help="output folder of `bayeslora run`")

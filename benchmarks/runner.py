@@ -115,8 +115,15 @@ class Runner:
             self._backbone_key = key
         return self._backbone
 
-    def run(self) -> list[str]:
-        """Run every unfinished run; returns the ids of the runs executed now."""
+    def spec(self, run_id: str) -> RunSpec:
+        for spec in self.suite.runs:
+            if spec.run_id == run_id:
+                return spec
+        raise ConfigError(f"run {run_id} is not in suite {self.suite.name!r} (its settings may have changed)")
+
+    def run(self, executor: Any = None) -> list[str]:
+        """Run every unfinished run, here one after another or on ``executor`` (a
+        :class:`~benchmarks.executors.RayExecutor` or ``SlurmExecutor``); returns the ids executed now."""
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in (self.out / "runs").glob(".tmp-*"):  # left by a killed run; its results were never final
             shutil.rmtree(stale, ignore_errors=True)
@@ -126,10 +133,19 @@ class Runner:
         if stale:
             log.warning("%d finished run folders under %s/runs are not in this suite (its settings changed); "
                         "they stay on disk but are left out of results.csv", len(stale), self.out)
-        executed = []
         todo = [s for s in self.suite.runs if not self.is_done(s)]
         log.info("%d runs in suite %s, %d already finished", len(self.suite.runs), self.suite.name,
                  len(self.suite.runs) - len(todo))
+        if executor is not None:
+            from .executors import RunTask, run_distributed
+
+            tasks = [RunTask(self.suite.raw, self.suite.name, str(self.out), s.run_id) for s in todo]
+            print(f"dispatching {len(tasks)} runs to {type(executor).__name__}", flush=True)
+            try:
+                return run_distributed(executor, tasks, {s.run_id: s.title for s in todo})
+            finally:
+                write_results(self.out)
+        executed = []
         for i, spec in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
             self.execute(spec)

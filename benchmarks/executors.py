@@ -1,0 +1,154 @@
+"""Where a suite's runs execute: the local loop, a Ray cluster, or Slurm through submitit.
+
+A distributed executor sends each unfinished run to :func:`run_one`, which rebuilds the suite from its
+resolved mapping inside the worker and executes that one run with a :class:`~benchmarks.runner.Runner`
+writing into the same output folder. The layout is unchanged: every run folder is written to a
+temporary name and renamed into place, MAP adapters and other artifacts are atomic files in
+``OUT/cache`` shared by all workers (two workers that need the same MAP adapter at once may both train
+it; the results are identical), and the trunk cache's hidden states are saved per worker (the last
+writer wins; a lost entry is only recomputed). A run whose worker dies is retried up to ``retries``
+times; the other runs go on. A run that raises is reported at the end with its run id and log, after
+every other run has finished.
+
+Ray: ``ray.init`` on ``address`` (None starts a local cluster), one task per run with ``num_cpus``
+and ``num_gpus`` each and ``max_retries = retries``. Slurm: ``submitit.AutoExecutor`` with
+``cluster`` (None: Slurm when available; ``local`` runs the jobs as local processes, as the tests do)
+and ``parameters`` passed to ``update_parameters`` (e.g. ``slurm_partition``, ``gpus_per_node``,
+``timeout_min``); a job that fails is resubmitted up to ``retries`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bayeslora import BayesLoraError, ConfigError
+
+log = logging.getLogger("bayeslora.executors")
+
+EXECUTORS = ("local", "ray", "slurm")
+
+_RUNNERS: dict[tuple[str, str], Any] = {}
+
+
+class RunsFailed(BayesLoraError):
+    """Some runs of a distributed suite failed; the others finished and are in the results."""
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What a worker needs to execute one run: the resolved suite mapping, its name, the folder, the id."""
+
+    suite_raw: dict[str, Any]
+    suite_name: str
+    out: str
+    run_id: str
+
+
+def run_one(task: RunTask) -> str:
+    """Execute one run of a suite in this process (unless already finished); returns its id.
+
+    A worker process keeps one Runner per (folder, suite), so the backbone stays loaded across its runs."""
+    from bayeslora.artifacts import content_hash
+
+    from .runner import Runner
+    from .suite import parse_suite
+
+    key = (task.out, content_hash(task.suite_raw))
+    if key not in _RUNNERS:
+        _RUNNERS.clear()  # one suite per worker at a time: free the previous backbone
+        _RUNNERS[key] = Runner(parse_suite(task.suite_raw, default_name=task.suite_name), task.out, progress=False)
+    runner = _RUNNERS[key]
+    spec = runner.spec(task.run_id)
+    if not runner.is_done(spec):
+        runner.execute(spec)
+    return task.run_id
+
+
+@dataclass
+class RayExecutor:
+    """One Ray task per run."""
+
+    address: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    retries: int = 2
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any | BaseException]:
+        """fn(item) for every item; an item whose task failed (after retries) gives its exception."""
+        try:
+            import ray
+        except ImportError as exc:
+            raise ConfigError("--executor ray needs Ray: pip install 'bayeslora[distributed]'") from exc
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.retries)(fn)
+        refs = [remote.remote(item) for item in items]
+        results: list[Any | BaseException] = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except Exception as exc:  # noqa: BLE001 - a failed run is reported, the others go on
+                results.append(exc)
+        return results
+
+
+@dataclass
+class SlurmExecutor:
+    """One submitit job per run; failed jobs are resubmitted up to ``retries`` times."""
+
+    folder: str
+    cluster: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    retries: int = 2
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any | BaseException]:
+        try:
+            import submitit
+        except ImportError as exc:
+            raise ConfigError("--executor slurm needs submitit: pip install 'bayeslora[distributed]'") from exc
+        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+        executor.update_parameters(**self.parameters)
+        jobs = {i: executor.submit(fn, item) for i, item in enumerate(items)}
+        results: dict[int, Any | BaseException] = {}
+        attempts = dict.fromkeys(jobs, 0)
+        while jobs:
+            for i, job in list(jobs.items()):
+                try:
+                    results[i] = job.result()
+                    del jobs[i]
+                except Exception as exc:  # noqa: BLE001 - resubmit, or report after the last attempt
+                    if attempts[i] < self.retries:
+                        attempts[i] += 1
+                        log.warning("job for item %d failed (%s); resubmitting (%d/%d)", i, exc, attempts[i],
+                                    self.retries)
+                        jobs[i] = executor.submit(fn, items[i])
+                    else:
+                        results[i] = exc
+                        del jobs[i]
+        return [results[i] for i in range(len(items))]
+
+
+def make_executor(name: str, out: str | Path, options: dict[str, Any] | None = None) -> RayExecutor | SlurmExecutor:
+    """A distributed executor by name; ``options`` are its dataclass fields (e.g. address, num_gpus, cluster)."""
+    options = dict(options or {})
+    if name == "ray":
+        return RayExecutor(**options)
+    if name == "slurm":
+        options.setdefault("folder", str(Path(out) / "slurm"))
+        return SlurmExecutor(**options)
+    raise ConfigError(f"executor must be one of {EXECUTORS}, got {name!r}")
+
+
+def run_distributed(executor: RayExecutor | SlurmExecutor, tasks: list[RunTask], titles: dict[str, str]) -> list[str]:
+    """Dispatch ``tasks``; returns the finished run ids, or raises :class:`RunsFailed` naming the failed ones."""
+    results = executor.map(run_one, tasks)
+    failed = [(task, res) for task, res in zip(tasks, results, strict=True) if isinstance(res, BaseException)]
+    if failed:
+        lines = [f"  {titles[t.run_id]} ({t.run_id}): {type(e).__name__}: {e}" for t, e in failed]
+        raise RunsFailed(f"{len(failed)} of {len(tasks)} runs failed (the others finished; run the same command "
+                         f"again to retry only these):\n" + "\n".join(lines))
+    return [t.run_id for t in tasks]
