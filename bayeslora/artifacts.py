@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .config import to_plain
 
 
@@ -57,8 +58,10 @@ class ArtifactStore:
         return torch.load(path, map_location="cpu", weights_only=False)
 
     def save(self, kind: str, key: Any, value: Any) -> Path:
+        """Write the artifact (only the main process writes when several run data parallel)."""
         path = self.path(kind, key)
-        atomic_torch_save({"key": to_plain(key), "value": value}, path)
+        if distributed.is_main_process():
+            atomic_torch_save({"key": to_plain(key), "value": value}, path)
         return path
 
     def get(self, kind: str, key: Any) -> Any | None:

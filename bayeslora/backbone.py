@@ -36,8 +36,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's device under data parallelism (cuda:<local rank>), else cuda if available."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from . import distributed
+
+        return distributed.device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 

@@ -1,7 +1,8 @@
 """The one fine-tuning loop. Methods extend it through :class:`TrainingHooks`, never by copying it.
 
 AdamW over ``hooks.param_groups()``, linear (or constant / cosine) schedule with warm-up,
-gradient accumulation, gradient-norm clipping, bf16 autocast on GPU, early stopping on
+gradient accumulation, data parallelism across processes (:mod:`bayeslora.distributed`),
+gradient-norm clipping, bf16 autocast on GPU, early stopping on
 validation NLL (best trainable state restored), a progress bar, and a clear error on NaN loss.
 Extension points: extra loss terms (override ``loss``), parameter groups, a gradient transform
 before each optimiser step (e.g. a landing field), and per-step callbacks (e.g. SWAG snapshots).
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainSettings
 from .errors import ConfigError, TrainingError
 from .profiling import phase
@@ -120,14 +122,15 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
     if not params:
         raise ConfigError(f"{desc}: no trainable parameters were given to the training loop")
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-    total = max(1, math.ceil(settings.epochs * len(loader) / settings.grad_accum))
+    world = distributed.world_size()  # data parallel: one step = grad_accum x world minibatches
+    total = max(1, math.ceil(settings.epochs * len(loader) / (settings.grad_accum * world)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))
     hooks.on_train_begin(total)
     result = TrainResult()
     start = time.perf_counter()
     best_state, best_nll, bad_epochs, next_eval = None, float("inf"), 0, 1.0
     bar = tqdm(total=total, desc=desc, disable=not settings.progress, leave=False, dynamic_ncols=True)
-    batches = _batches(loader)
+    batches = distributed.shard_batches(_batches(loader))
     step, running = 0, 0.0
     while step < total:
         optimizer.zero_grad(set_to_none=True)
@@ -142,6 +145,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
                 )
             (loss / settings.grad_accum).backward()
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+        distributed.average_gradients(params)
         hooks.transform_gradients()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(clipped, settings.max_grad_norm)

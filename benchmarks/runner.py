@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from bayeslora import ConfigError, Posterior, Predictive, get_method
+from bayeslora import ConfigError, Posterior, Predictive, distributed, get_method
 from bayeslora.artifacts import ArtifactStore, content_hash
 from bayeslora.backbone import Backbone, load_backbone
 from bayeslora.config import DataSettings, ModelSettings, to_plain
@@ -124,15 +124,18 @@ class Runner:
     def run(self, executor: Any = None) -> list[str]:
         """Run every unfinished run, here one after another or on ``executor`` (a
         :class:`~benchmarks.executors.RayExecutor` or ``SlurmExecutor``); returns the ids executed now."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in (self.out / "runs").glob(".tmp-*"):  # left by a killed run; its results were never final
-            shutil.rmtree(stale, ignore_errors=True)
-        (self.out / "suite.yaml").write_text(yaml.safe_dump(self.suite.raw, sort_keys=False))
-        write_manifest(self.out, self.suite.name, [s.run_id for s in self.suite.runs])
-        stale = stale_runs(self.out)
-        if stale:
-            log.warning("%d finished run folders under %s/runs are not in this suite (its settings changed); "
-                        "they stay on disk but are left out of results.csv", len(stale), self.out)
+        main = distributed.is_main_process()  # under data parallelism only the main process writes
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in (self.out / "runs").glob(".tmp-*"):  # left by a killed run; never final
+                shutil.rmtree(stale, ignore_errors=True)
+            (self.out / "suite.yaml").write_text(yaml.safe_dump(self.suite.raw, sort_keys=False))
+            write_manifest(self.out, self.suite.name, [s.run_id for s in self.suite.runs])
+            stale = stale_runs(self.out)
+            if stale:
+                log.warning("%d finished run folders under %s/runs are not in this suite (its settings changed); "
+                            "they stay on disk but are left out of results.csv", len(stale), self.out)
+        distributed.barrier()
         todo = [s for s in self.suite.runs if not self.is_done(s)]
         log.info("%d runs in suite %s, %d already finished", len(self.suite.runs), self.suite.name,
                  len(self.suite.runs) - len(todo))
@@ -147,14 +150,22 @@ class Runner:
                 write_results(self.out)
         executed = []
         for i, spec in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
+            if main:
+                print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
             self.execute(spec)
             executed.append(spec.run_id)
+            if main:
+                write_results(self.out)
+            distributed.barrier()  # every process sees this run finished before the next begins
+        if main:
             write_results(self.out)
-        write_results(self.out)
         return executed
 
     def execute(self, spec: RunSpec) -> None:
+        if not distributed.is_main_process():  # a data-parallel helper: compute the run, write nothing
+            with tempfile.TemporaryDirectory() as scratch:
+                self._fit_and_evaluate(spec, Path(scratch))
+            return
         final = self.run_dir(spec)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{spec.run_id}-"))
@@ -239,7 +250,7 @@ class Runner:
                 row.update(trunk_info)
             if trunk is not None:
                 log.info("trunk cache: %s", trunk.stats())
-        if trunk is not None:
+        if trunk is not None and distributed.is_main_process():
             with phase("trunk"):
                 trunk.save(trunk_file)
         return rows
