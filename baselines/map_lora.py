@@ -73,7 +73,8 @@ class MapLora(Posterior):
             posterior_params=0,
             train_steps=fit.result.steps,
             reused_cache=fit.reused,
-            extra={"best_val_nll": fit.result.best_val_nll, "train_seconds": fit.result.seconds},
+            extra={"best_val_nll": fit.result.best_val_nll, "train_seconds": fit.result.seconds,
+                   "train_tokens": fit.result.tokens},
         )
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:

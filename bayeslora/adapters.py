@@ -106,6 +106,6 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
     result = train(hooks_cls(backbone, params), loader, settings, backbone.device, val_loader, desc=f"train {name}")
     if artifacts is not None and key is not None:
         record = {"steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
-                  "best_val_nll": result.best_val_nll, "history": result.history}
+                  "best_val_nll": result.best_val_nll, "history": result.history, "tokens": result.tokens}
         artifacts.save(cache_kind, key, {"adapter": backbone.adapter_state(name), "result": record})
     return AdapterFit(name, n_params, result, reused=False)

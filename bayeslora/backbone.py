@@ -385,19 +385,24 @@ def mask_choices(logits: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tenso
     return logits.masked_fill(~choice_mask, MASKED_LOGIT)
 
 
-def _random_init_model(spec: dict[str, Any]) -> nn.Module:
-    """A small untrained Llama or Qwen2 built from a config in code (tests and timing)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_init_config(spec: dict[str, Any]) -> Any:
+    """The transformers config of a ``model.random_init`` spec (arch llama or qwen2 plus config fields)."""
+    from transformers import AutoConfig
 
-    spec = dict(spec)
+    spec = {k: v for k, v in spec.items() if k not in ("seed", "tokenizer")}
     arch = spec.pop("arch", "llama")
-    seed = spec.pop("seed", 0)
     defaults = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
                 "tie_word_embeddings": True}
-    config = AutoConfig.for_model(arch, **{**defaults, **spec})
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    return AutoConfig.for_model(arch, **{**defaults, **spec})
+
+
+def _random_init_model(spec: dict[str, Any]) -> nn.Module:
+    """A small untrained Llama or Qwen2 built from a config in code (tests and timing)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.get("seed", 0))
+    return AutoModelForCausalLM.from_config(random_init_config(spec))
 
 
 def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Backbone:

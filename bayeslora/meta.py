@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .backbone import HUB_ALIASES, Backbone, resolve_model_path
+from .backbone import HUB_ALIASES, Backbone, random_init_config, resolve_model_path
 from .config import ModelSettings
 from .errors import ConfigError
 
@@ -27,25 +27,29 @@ def packaged_config(model: str) -> Path | None:
     return path if path.exists() else None
 
 
-def meta_backbone(model: str) -> Backbone:
+def meta_backbone(model: str | ModelSettings) -> Backbone:
     """A :class:`Backbone` (no tokenizer) whose modules live on the meta device.
 
     ``model``: a shipped config (``Qwen/Qwen2.5-7B``, ``qwen2.5-7b``), a folder with a ``config.json``,
-    a bundled alias, or a hub id (needs the hub)."""
+    a bundled alias, a hub id (needs the hub), or model settings (their ``random_init`` spec, if any)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shipped = packaged_config(model)
+    settings = model if isinstance(model, ModelSettings) else ModelSettings(name=model)
+    name = settings.name
+    shipped = packaged_config(name)
     try:
-        if shipped is not None:
+        if settings.random_init is not None:
+            config = random_init_config(settings.random_init)
+        elif shipped is not None:
             config = AutoConfig.for_model(**json.loads(shipped.read_text()))
         else:
-            config = AutoConfig.from_pretrained(resolve_model_path(model))
+            config = AutoConfig.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"no model config for {model!r}: give a shipped model ({_shipped_names()}), a folder "
+        raise ConfigError(f"no model config for {name!r}: give a shipped model ({_shipped_names()}), a folder "
                           f"with config.json, or a reachable hub id ({exc})") from exc
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
-    return Backbone(lm, tokenizer=None, settings=ModelSettings(name=model))
+    return Backbone(lm, tokenizer=None, settings=settings)
 
 
 def _shipped_names() -> str:

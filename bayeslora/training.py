@@ -66,6 +66,8 @@ class TrainResult:
     seconds: float = 0.0
     best_val_nll: float = float("nan")
     history: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
+    """Prompt tokens (attention-mask ones, padding excluded) in the minibatches this process trained on."""
 
 
 def final_train_loss(result: TrainResult) -> float:
@@ -144,6 +146,8 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
                     f"Fix: lower train.lr (now {settings.lr}), keep train.max_grad_norm set, or check the data."
                 )
             (loss / settings.grad_accum).backward()
+            if "attention_mask" in batch:
+                result.tokens += int(batch["attention_mask"].sum())
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
         distributed.average_gradients(params)
         hooks.transform_gradients()

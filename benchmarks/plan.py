@@ -136,7 +136,7 @@ def plan_suite(suite: Suite, device: Device) -> pd.DataFrame:
             rows[key]["runs"] += 1
             continue
         if run.model.name not in backbones:
-            backbones[run.model.name] = meta_backbone(run.model.name)
+            backbones[run.model.name] = meta_backbone(run.model)
         rows[key] = {**plan_run(run, backbones[run.model.name], device), "runs": 1}
     return pd.DataFrame(list(rows.values()))
 

@@ -68,3 +68,12 @@ def test_meta_backbone_reads_a_local_config_folder_like_the_shipped_one(tmp_path
     local = meta_backbone(str(tmp_path))
     assert sum(p.numel() for p in local.lm.parameters()) == 7_615_616_512
     assert next(local.lm.parameters()).device.type == "meta"
+
+
+def test_random_init_models_are_planned_from_their_spec():
+    from bayeslora.meta import meta_backbone
+
+    suite = load_suite(QWEN_SUITE.parent / "throughput-cpu.yaml")
+    qwen = next(run.model for run in suite.runs if run.model.random_init is not None)
+    backbone = meta_backbone(qwen)
+    assert sum(p.numel() for p in backbone.lm.parameters()) == 494_032_768  # Qwen2.5-0.5B's published total
