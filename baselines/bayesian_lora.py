@@ -78,18 +78,22 @@ class InducingLoraAdapter(HookedAdapter):
         a, b = self.draw(HEAD_KEY)
         return self.scale * (features.to(a.dtype) @ a.T) @ b[answer_ids.to(b.device)].T
 
+    def inducing_factors(self) -> list[InducingFactor]:
+        """Every factor: A and B of each target module, then the answer head's."""
+        return [f for pair in self.factors.values() for f in pair.values()]
+
     def kl_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum KL(q(U)||p(U)), sum KL(q(W|U)||p(W|U))) over all factors."""
-        factors = [f for pair in self.factors.values() for f in pair.values()]
+        factors = self.inducing_factors()
         with torch.autocast(factors[0].z_row.device.type, enabled=False):  # float32, as the draws
             return sum(f.kl_inducing() for f in factors), sum(f.kl_conditional() for f in factors)
 
     def variational_parameter_count(self) -> int:
         """Parameters of q(U) and lambda (the posterior); Z and D are the prior's hyperparameters."""
-        return sum(f.variational_parameter_count() for pair in self.factors.values() for f in pair.values())
+        return sum(f.variational_parameter_count() for f in self.inducing_factors())
 
     def mean_lambda(self) -> float:
-        lams = [float(f.lam.detach()) for pair in self.factors.values() for f in pair.values()]
+        lams = [float(f.lam.detach()) for f in self.inducing_factors()]
         return sum(lams) / len(lams)
 
 
@@ -150,8 +154,7 @@ class BayesianLoraHooks(ClassifierHooks):
         """No weight decay (the KL is the regulariser). The lambdas' group is left out of the gradient-norm
         clipping: the conditional KL gives each rho a gradient of about d_out d_in / N, thousands of times
         the likelihood's, and clipping the joint norm would shrink every other step to nothing."""
-        rhos = [f.rho for pair in self.adapter.factors.values() for f in pair.values()
-                if isinstance(f.rho, nn.Parameter)]
+        rhos = [f.rho for f in self.adapter.inducing_factors() if isinstance(f.rho, nn.Parameter)]
         rho_ids = {id(p) for p in rhos}
         rest = [p for p in self.adapter.parameters() if id(p) not in rho_ids]
         groups = [{"params": rest, "weight_decay": 0.0}]

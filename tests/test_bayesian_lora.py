@@ -105,7 +105,7 @@ def test_bayesian_lora_with_a_flow_posterior_trains_and_predicts(tiny_backbone, 
     config.train.epochs = 1
     post = BayesianLora(config, seed=0)
     report = post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
-    flows = [f.flow for pair in post.adapter.factors.values() for f in pair.values()]
+    flows = [f.flow for f in post.adapter.inducing_factors()]
     assert all(f is not None for f in flows)
     assert report.posterior_params > sum(p.numel() for f in flows for p in f.parameters())
     pred = post.predict(make_loader(toy_splits[2], 4), 2)
@@ -171,9 +171,8 @@ def test_bayesian_lora_fits_predicts_reloads_and_collapses(tiny_backbone, toy_sp
     assert torch.equal(again.predict(loader, 4).logits, pred.logits)
     mean = post.predict(loader, 0)
     assert mean.logits.shape == (12, 1, 2)
-    for pair in post.adapter.factors.values():
-        for factor in pair.values():
-            factor.settings = InducingSettings(**{**vars(factor.settings), "max_lambda": 0.0, "max_q_std": 0.0})
+    for factor in post.adapter.inducing_factors():
+        factor.settings = InducingSettings(**{**vars(factor.settings), "max_lambda": 0.0, "max_q_std": 0.0})
     collapsed = post.predict(loader, 3)
     torch.testing.assert_close(collapsed.logits, mean.logits.expand(-1, 3, -1))
 
