@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import torch
 
 from bayeslora import get_method
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, lora_parameter_count, resolve_dtype
 from bayeslora.config import LoraSettings, ModelSettings
 from bayeslora.data import get_task
 from bayeslora.meta import meta_backbone
@@ -39,7 +40,6 @@ GB = 1e9
 ADAM_BYTES = 16
 STORE_BYTES = 4
 DEFAULT_GPU_GB = 80.0
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -51,8 +51,6 @@ class Device:
 
     @classmethod
     def detect(cls, gpu_memory_gb: float | None = None) -> Device:
-        import torch
-
         if gpu_memory_gb is None:
             gpu_memory_gb = (torch.cuda.get_device_properties(0).total_memory / GB if torch.cuda.is_available()
                              else DEFAULT_GPU_GB)
@@ -66,10 +64,10 @@ class Device:
 
 
 def weight_bytes(n_params: int, model: ModelSettings, on_gpu: bool) -> float:
+    """Bytes of the base weights in the dtype the backbone would load them in (or 4/8 bits + block scales)."""
     if model.load_in_bits:
         return n_params * (model.load_in_bits / 8 + 4 / 64)
-    dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    return n_params * _DTYPE_BYTES[dtype]
+    return n_params * resolve_dtype(model.dtype, torch.device("cuda" if on_gpu else "cpu")).itemsize
 
 
 def activation_bytes(backbone: Backbone, lora: LoraSettings | None, model: ModelSettings, batch: int,
@@ -121,8 +119,6 @@ def plan_run(run: RunSpec, backbone: Backbone, device: Device) -> dict[str, Any]
 
 
 def _lora_count(backbone: Backbone, lora: LoraSettings | None) -> int:
-    from bayeslora.backbone import lora_parameter_count
-
     return lora_parameter_count(backbone, lora) if lora is not None else 0
 
 
