@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks
-from bayeslora.backbone import Backbone, mask_choices
+from bayeslora.backbone import Backbone, mask_choices, target_modules
 from bayeslora.config import AdapterConfig, LoraSettings
 from bayeslora.data import EncodedSplit
 from bayeslora.training import final_train_loss
 
-from .hooked_adapter import HookedAdapter, target_modules
+from .hooked_adapter import HookedAdapter
 from .hooked_posterior import HookedAdapterPosterior
 from .inducing_weights import InducingFactor, InducingSettings, inducing_factor_parameter_count
 

@@ -38,13 +38,13 @@ from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks
-from bayeslora.backbone import Backbone, lora_parameter_count
+from bayeslora.backbone import Backbone, lora_parameter_count, target_modules
 from bayeslora.config import AdapterConfig, check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import sample_class_logits
 from bayeslora.training import final_train_loss
 
-from .hooked_adapter import HookedAdapter, target_modules
+from .hooked_adapter import HookedAdapter
 from .hooked_posterior import HookedAdapterPosterior
 
 KL_WEIGHTINGS = ("constant", "minibatch")

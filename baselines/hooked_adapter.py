@@ -15,10 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayeslora.backbone import LAYER_INDEX, target_modules
-
-__all__ = ["LAYER_INDEX", "HookedAdapter", "target_modules"]
-
+from bayeslora.backbone import LAYER_INDEX
 
 
 class HookedAdapter(nn.Module):

@@ -24,11 +24,11 @@ from torch import nn
 
 from bayeslora import ConfigError
 from bayeslora.artifacts import ArtifactStore
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import Backbone, target_modules
 from bayeslora.config import LoraSettings
 from bayeslora.trunk import update_weight_digest
 
-from .hooked_adapter import HookedAdapter, target_modules
+from .hooked_adapter import HookedAdapter
 
 
 def truncated_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

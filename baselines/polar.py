@@ -18,9 +18,9 @@ from torch import nn
 
 from bayeslora import ConfigError
 
-from .hooked_adapter import HookedAdapter, target_modules
+from .hooked_adapter import HookedAdapter
 
-__all__ = ["PolarAdapter", "landing_field", "orthogonality_error", "orthonormal", "target_modules"]
+__all__ = ["PolarAdapter", "landing_field", "orthogonality_error", "orthonormal"]
 
 def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """A rows x cols matrix with orthonormal columns (QR of a standard Gaussian, signs fixed)."""

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
-from bayeslora.backbone import Backbone, lora_parameter_count
+from bayeslora.backbone import Backbone, lora_parameter_count, target_modules
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit, fit_loaders
 from bayeslora.features import check_answer_ids, feature_batch
@@ -29,7 +29,7 @@ from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainingHooks, TrainResult, train
 
 from .map_lora import AdapterConfig
-from .polar import PolarAdapter, target_modules
+from .polar import PolarAdapter
 from .vbll_head import VbllHead, VbllHeadHooks, VbllSettings
 
 SCHEDULES = ("alternate", "joint")

@@ -28,13 +28,12 @@ from torch.utils.data import DataLoader
 
 from bayeslora import FitReport, Posterior, Predictive, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
-from bayeslora.backbone import Backbone, lora_parameter_count
+from bayeslora.backbone import Backbone, lora_parameter_count, target_modules
 from bayeslora.config import AdapterConfig, TrainSettings
 from bayeslora.data import EncodedSplit, fit_loaders, make_loader
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainResult, train
 
-from .hooked_adapter import target_modules
 from .lora_xs import LoraXsAdapter, lora_xs_factors
 from .swag import SwagSettings, SwagStatistics, flatten, unflatten
 

@@ -7,9 +7,9 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from baselines.bayesian_lora import HEAD_KEY, BayesianLora, InducingLoraAdapter, parameter_count
-from baselines.hooked_adapter import target_modules
 from baselines.inducing_weights import InducingFactor, InducingSettings, inducing_factor_parameter_count
 from bayeslora import ConfigError
+from bayeslora.backbone import target_modules
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
 from bayeslora.meta import meta_backbone

@@ -7,11 +7,11 @@ import pytest
 import torch
 import vbll
 
-from baselines.polar import PolarAdapter, landing_field, orthogonality_error, target_modules
+from baselines.polar import PolarAdapter, landing_field, orthogonality_error
 from baselines.vbll_head import VbllHead, VbllSettings
 from bayeslora import ConfigError, get_method
 from bayeslora.artifacts import ArtifactStore
-from bayeslora.backbone import load_backbone
+from bayeslora.backbone import load_backbone, target_modules
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
 from bayeslora.features import cached_features

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.hooked_adapter import target_modules
 from baselines.lora_xs import LoraXsAdapter, lora_xs_factors, truncated_svd
 from baselines.swag import SwagSettings, SwagStatistics, flatten, unflatten
 from baselines.swag_lora import BLoraXs, SwagLora
 from bayeslora import ConfigError
 from bayeslora.artifacts import ArtifactStore
+from bayeslora.backbone import target_modules
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
 

@@ -11,8 +11,8 @@ from pyro.infer import TraceMeanField_ELBO
 
 from baselines.bbb_lora import BbbLora
 from baselines.blob import Blob, BlobAdapter, gaussian_kl, minibatch_kl_weight
-from baselines.hooked_adapter import target_modules
 from bayeslora import ConfigError
+from bayeslora.backbone import target_modules
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
 from bayeslora.predict import repeat_batch
