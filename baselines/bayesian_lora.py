@@ -187,6 +187,7 @@ class BayesianLora(HookedAdapterPosterior):
     """Inducing-point (sparse-GP style) variational posterior over LoRA factors; S forward passes."""
 
     name = "bayesian_lora"
+    supports_gradient_checkpointing = False
     Config = BayesianLoraConfig
     description = "Bayesian-LoRA: inducing-weight (9x9 U, Kronecker prior, Matheron noise) posterior over LoRA factors"
     saves_state = True

@@ -131,6 +131,7 @@ class BbbLora(Posterior):
     """Mean-field Gaussian over all LoRA parameters by SVI (pyro); S forward passes."""
 
     name = "bbb_lora"
+    supports_gradient_checkpointing = False
     Config = BbbConfig
     description = "Bayes-by-backprop LoRA: mean-field Gaussian over A and B, pyro SVI (ELBO), S forward passes"
     saves_state = True

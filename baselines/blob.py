@@ -163,6 +163,7 @@ class Blob(HookedAdapterPosterior):
     """BLoB: Gaussian over LoRA A (Flipout), point-estimate B, closed-form KL; S forward passes."""
 
     name = "blob"
+    supports_gradient_checkpointing = False
     Config = BlobConfig
     description = "BLoB: Gaussian LoRA A (std G^2, Flipout) + point B, closed-form KL, S forward passes"
     saves_state = True

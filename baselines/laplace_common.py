@@ -41,7 +41,10 @@ class LaplaceSettings:
     steps at ``prior_lr``), gridsearch (validation NLL of the GLM probit predictive over ``grid``),
     or none (keep ``prior_precision``). ``memory_fraction``: share of free memory the posterior may use.
     ``fit_batch_size``: batch size of the curvature pass. The default 1 keeps padding out of the K-FAC
-    input factors, which sum over every sequence position a LoRA layer sees."""
+    input factors, which sum over every sequence position a LoRA layer sees.
+    ``jacobian_batch_size``: examples per GLM predictive call. laplace-torch differentiates a batch's
+    whole (B, K) output, B·K backward passes each through all B examples, so a call costs O(B²·K)
+    and its memory grows as B²; 1 does the least work (K backward passes per example)."""
 
     hessian_structure: str = "kron"
     prior_precision: float = 1.0
@@ -51,10 +54,13 @@ class LaplaceSettings:
     grid: list[float] = field(default_factory=lambda: [10.0 ** e for e in range(-4, 5)])
     memory_fraction: float = 0.9
     fit_batch_size: int = 1
+    jacobian_batch_size: int = 1
 
     def check(self) -> None:
         check_choice("hessian_structure", self.hessian_structure, STRUCTURES)
         check_choice("prior_method", self.prior_method, PRIOR_METHODS)
+        if self.jacobian_batch_size < 1:
+            raise ConfigError(f"jacobian_batch_size must be a positive integer, got {self.jacobian_batch_size}")
 
 
 class LogitsModel(nn.Module):
@@ -143,10 +149,22 @@ def tune_prior(la: Any, settings: LaplaceSettings, val_loader: Any | None) -> di
 
 
 def glm_logit_samples(la: Any, batch: dict[str, Any], num_samples: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, S, K) samples f_s ~ N(f(x; theta_MAP), J Sigma J^T) from laplace-torch's GLM predictive."""
-    samples = la.functional_samples(batch, pred_type="glm", n_samples=num_samples, generator=generator)
-    return samples.permute(1, 0, 2).float()
+                      generator: torch.Generator | None = None, jacobian_batch_size: int | None = None) -> torch.Tensor:
+    """(B, S, K) samples f_s ~ N(f(x; theta_MAP), J Sigma J^T) from laplace-torch's GLM predictive,
+    over rows of at most ``jacobian_batch_size`` examples at a time (None: the whole batch at once)."""
+    chunks = [la.functional_samples(rows, pred_type="glm", n_samples=num_samples, generator=generator)
+              for rows in split_rows(batch, jacobian_batch_size)]
+    return torch.cat(chunks, dim=1).permute(1, 0, 2).float()
+
+
+def split_rows(batch: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
+    """The batch cut into consecutive pieces of ``size`` examples: every tensor or list whose length
+    is the batch size is sliced, anything else (scalars, shared tensors) is kept whole."""
+    n = next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
+    if size is None or size >= n:
+        return [batch]
+    return [{k: v[i:i + size] if isinstance(v, (torch.Tensor, list)) and len(v) == n else v
+             for k, v in batch.items()} for i in range(0, n, size)]
 
 
 class LaplacePosterior(MapLora):
@@ -205,9 +223,11 @@ class LaplacePosterior(MapLora):
         params = [p for p in model.parameters() if p.requires_grad]
         factor_bytes = check_memory(params, self.config, backbone.device)
         self.la = build_laplace(model, self.config, self.dict_key_x)
-        with self.curvature_context():
+        # laplace-torch's curvlinops backend builds some operands (an identity for the full GGN) with
+        # factory defaults: make the backbone's device the default so they do not land on the CPU
+        with self.curvature_context(), torch.device(backbone.device):
             self.la.fit(self.curvature_loader(train))
-        tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
+            tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
         report.fit_seconds = time.perf_counter() - start
         report.posterior_params = sum(p.numel() for p in params)
         report.extra.update({**tuned, "factor_bytes": factor_bytes, "hessian_structure": self.config.hessian_structure})
@@ -218,7 +238,9 @@ class LaplacePosterior(MapLora):
         backbone.use_adapter(self.adapter_name)
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
         return collect_predictive(
-            backbone, loader, lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator),
+            backbone, loader,
+            lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator,
+                                        self.config.jacobian_batch_size),
             desc=self.name, inference_mode=False)
 
     def state_dict(self) -> dict[str, Any]:

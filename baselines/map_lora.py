@@ -74,7 +74,7 @@ class MapLora(Posterior):
             train_steps=fit.result.steps,
             reused_cache=fit.reused,
             extra={"best_val_nll": fit.result.best_val_nll, "train_seconds": fit.result.seconds,
-                   "train_tokens": fit.result.tokens},
+                   "train_tokens": fit.result.tokens, "train_peak_mem_mb": fit.result.peak_mem_mb},
         )
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:

@@ -96,6 +96,7 @@ class PolarVbll(Posterior):
     """PoLAR adapter + VBLL head; one backbone pass and S head samples per example."""
 
     name = "polar_vbll"
+    supports_gradient_checkpointing = False
     Config = PolarVbllConfig
     description = "PoLAR adapter (landing field) + VBLL head, alternating ELBO steps, one backbone pass"
 

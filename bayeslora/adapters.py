@@ -7,6 +7,7 @@ anchors, temperature scaling, ...).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +35,11 @@ class ClassifierHooks(TrainingHooks):
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.backbone.class_logits(batch)
 
+    def step_context(self) -> AbstractContextManager[Any]:
+        return self.backbone.training_mode()
+
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
-        self.backbone.lm.train()
-        try:
-            logits = self.logits(batch)
-        finally:
-            self.backbone.lm.eval()
+        logits = self.logits(batch)
         return F.cross_entropy(logits, batch["labels"].to(logits.device))
 
     def val_nll(self, loader: DataLoader) -> float:

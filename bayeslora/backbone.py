@@ -247,6 +247,32 @@ class Backbone:
         self.use_adapter(name)
         self.lm.eval()
 
+    @property
+    def gradient_checkpointing_active(self) -> bool:
+        """Whether some layer of the LM recomputes its forward in backward (transformers' flag)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.lm.modules())
+
+    @contextlib.contextmanager
+    def gradient_checkpointing_paused(self) -> Iterator[None]:
+        """Inside the block the checkpointed layers keep their activations (plain backward)."""
+        layers = [m for m in self.lm.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        for m in layers:
+            m.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.gradient_checkpointing = True
+
+    @contextlib.contextmanager
+    def training_mode(self) -> Iterator[None]:
+        """The LM in train mode (LoRA dropout on) inside the block, back in eval mode after it."""
+        self.lm.train()
+        try:
+            yield
+        finally:
+            self.lm.eval()
+
     def adapted_layers(self, settings: LoraSettings) -> list[int] | None:
         """Layer indices from ``lora.layers``: None (all), a list, or {"top": N}."""
         layers = settings.layers
@@ -397,12 +423,14 @@ def random_init_config(spec: dict[str, Any]) -> Any:
     return AutoConfig.for_model(arch, **{**defaults, **spec})
 
 
-def _random_init_model(spec: dict[str, Any]) -> nn.Module:
-    """A small untrained Llama or Qwen2 built from a config in code (tests and timing)."""
+def _random_init_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An untrained Llama or Qwen2 built from a config in code (tests and timing), initialised on
+    ``device`` in ``dtype`` directly (a 7B one never passes through float32 host memory)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(spec.get("seed", 0))
-    return AutoModelForCausalLM.from_config(random_init_config(spec))
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(random_init_config(spec), dtype=dtype)
 
 
 def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Backbone:
@@ -418,7 +446,7 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
     if settings.random_init is not None:
         tok_path = resolve_model_path(settings.random_init.get("tokenizer", "smollm2-135m"))
         spec = {k: v for k, v in settings.random_init.items() if k != "tokenizer"}
-        model = _random_init_model(spec).to(dtype)
+        model = _random_init_model(spec, device, dtype)
     else:
         tok_path = resolve_model_path(settings.name)
         kwargs: dict[str, Any] = {"dtype": dtype, "revision": settings.revision}
@@ -430,6 +458,8 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
         model = model.to(device)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.compile:
+        compile_decoder_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=settings.revision)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -438,6 +468,19 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
         raise ConfigError(f"model {settings.name!r} has no decoder/LM head; bayeslora needs a causal LM")
     log.info("loaded %s (%s, %s)", settings.name, dtype, device)
     return Backbone(model, tokenizer, settings)
+
+
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (``nn.Module.compile``), with dynamic shapes since
+    batches are padded to their longest prompt. Layers, not the whole model: the embedding lookup,
+    the trunk cache and the K-row answer head stay eager, and adapters that peft injects into a layer
+    later are traced at its first call."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError("model.compile needs a decoder with a `layers` list (Llama/Qwen2-style); "
+                          "set model.compile=false for this model")
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 def _quantization_config(bits: int) -> Any:

@@ -24,6 +24,7 @@ class ModelSettings:
     ``random_init`` builds an untrained model from a small config in code (tests, timing).
     ``trunk_cache``: auto (when every adapter sits in layers >= L, layers < L are computed once per
     prompt and reused; see :mod:`bayeslora.trunk`) or off (always the full forward).
+    ``compile``: ``torch.compile`` each decoder layer (dynamic shapes); pays on GPU, see RESULTS.md.
     """
 
     name: str = "smollm2-135m"
@@ -35,9 +36,10 @@ class ModelSettings:
     max_length: int = 512
     random_init: dict[str, Any] | None = None
     trunk_cache: str = "auto"
+    compile: bool = False
 
 
-RESULT_NEUTRAL_MODEL_FIELDS = ("device", "trunk_cache")
+RESULT_NEUTRAL_MODEL_FIELDS = ("device", "trunk_cache", "compile")
 """ModelSettings fields that change how a model runs, not what it computes: kept out of run ids and
 artifact keys, so switching them reuses finished runs and cached adapters."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -152,13 +153,12 @@ class CurveHooks(TrainingHooks):
                               self.noise_generator)
         return self.backbone.class_logits_with(self.adapter, weights, batch)
 
+    def step_context(self) -> AbstractContextManager[Any]:
+        return self.backbone.training_mode()
+
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         times = self.sample_t()
-        self.backbone.lm.train()
-        try:
-            logits = torch.stack([self.logits_at(batch, t, perturbed=True) for t in times])
-        finally:
-            self.backbone.lm.eval()
+        logits = torch.stack([self.logits_at(batch, t, perturbed=True) for t in times])
         labels = batch["labels"].to(logits.device)
         nll = torch.stack([F.cross_entropy(z, labels) for z in logits]).mean()
         if self.config.js_weight > 0:
@@ -188,6 +188,7 @@ class LoraCurve(Posterior):
     """A trained Bezier curve of LoRA adapters; the predictive averages S points along it."""
 
     name = "lora_curve"
+    supports_gradient_checkpointing = False
     Config = LoraCurveConfig
     description = "LoRA-Curve: segmented Bezier curve in LoRA space (anchored on MAP adapters or free), S points"
     saves_state: ClassVar[bool] = True

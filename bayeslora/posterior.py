@@ -68,6 +68,12 @@ class Posterior(abc.ABC):
     """True: the runner writes :meth:`state_dict` to the run folder (``posterior.pt``) so that later
     analyses (e.g. ``bayeslora path``) can reload the fitted posterior. Off by default: some states
     (Kronecker factors on a 7B model) take gigabytes."""
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    """False where the training forward depends on state that the backward's recomputation of a
+    checkpointed layer does not see (weights swapped in by ``functional_call``, forward hooks or
+    noise from a private generator that exist only during the forward): such a method refuses
+    ``model.gradient_checkpointing`` rather than train on wrong gradients; the runner fits it inside
+    :meth:`Backbone.gradient_checkpointing_paused`."""
 
     def __init__(self, config: Any = None, *, seed: int = 0, artifacts: ArtifactStore | None = None):
         self.config = self.make_config(config)
@@ -90,6 +96,12 @@ class Posterior(abc.ABC):
 
     def attach(self, backbone: Backbone) -> Posterior:
         """Bind to a backbone (fit does this; call it before load_state_dict on a fresh instance)."""
+        if not self.supports_gradient_checkpointing and backbone.gradient_checkpointing_active:
+            raise ConfigError(
+                f"method {self.name!r} does not support gradient checkpointing: its training forward uses "
+                "weights or hooks that the checkpointed recomputation would not see. Fix: fit it inside "
+                "`with backbone.gradient_checkpointing_paused():` (the runner does), or load the model "
+                "with model.gradient_checkpointing=false.")
         self.backbone = backbone
         return self
 

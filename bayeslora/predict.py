@@ -8,7 +8,6 @@ draws S of them over a tokenised batch, optionally several per batched forward.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -20,17 +19,10 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .predictive import Cost, Predictive
-from .profiling import phase
+from .profiling import peak_memory_mb, phase, reset_peak_memory
 
 BatchSampler = Callable[[dict[str, Any]], torch.Tensor]
 """batch -> (B, S, K) class logits."""
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory allocated, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def collect_predictive(backbone: Backbone, loader: DataLoader, sample_batch: BatchSampler,
@@ -39,8 +31,7 @@ def collect_predictive(backbone: Backbone, loader: DataLoader, sample_batch: Bat
 
     Runs under inference mode unless ``inference_mode`` is False (samplers that need autograd,
     e.g. the Jacobians of a linearised predictive, then manage gradients themselves)."""
-    if backbone.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(backbone.device)
+    reset_peak_memory(backbone.device)
     start_passes = backbone.num_forward_passes
     start = time.perf_counter()
     logits, labels, ids = [], [], []

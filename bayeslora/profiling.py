@@ -9,10 +9,13 @@ no profile is recording.
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextvars import ContextVar
+
+import torch
 
 PHASES = ("load", "tokenise", "trunk", "features", "train", "fit", "predict", "path", "metrics")
 """The phases the runner and the library report, in display order."""
@@ -67,3 +70,17 @@ def phase(name: str) -> Iterator[None]:
     else:
         with profile.phase(name):
             yield
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new accelerator peak-memory window (a no-op on CPU, whose peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated since the last reset, or the process's peak resident set
+    size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

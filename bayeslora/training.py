@@ -10,9 +10,11 @@ before each optimiser step (e.g. a landing field), and per-step callbacks (e.g. 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import TrainSettings
 from .errors import ConfigError, TrainingError
-from .profiling import phase
+from .profiling import peak_memory_mb, phase, reset_peak_memory
 
 
 class TrainingHooks:
@@ -37,6 +39,12 @@ class TrainingHooks:
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """The minibatch objective to minimise (CE plus any extra terms)."""
         raise NotImplementedError
+
+    def step_context(self) -> AbstractContextManager[Any]:
+        """Entered around each minibatch's forward *and* backward: gradient checkpointing recomputes
+        the forward inside backward, so a mode the forward depends on (train-mode dropout) must hold
+        through both."""
+        return contextlib.nullcontext()
 
     def val_nll(self, loader: DataLoader) -> float:
         """Validation NLL for early stopping; return NaN to disable."""
@@ -68,6 +76,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
     """Prompt tokens (attention-mask ones, padding excluded) in the minibatches this process trained on."""
+    peak_mem_mb: float = 0.0
+    """Peak accelerator memory allocated while training (the process's peak RSS on CPU)."""
 
 
 def final_train_loss(result: TrainResult) -> float:
@@ -129,6 +139,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))
     hooks.on_train_begin(total)
     result = TrainResult()
+    reset_peak_memory(device)
     start = time.perf_counter()
     best_state, best_nll, bad_epochs, next_eval = None, float("inf"), 0, 1.0
     bar = tqdm(total=total, desc=desc, disable=not settings.progress, leave=False, dynamic_ncols=True)
@@ -138,14 +149,15 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
         optimizer.zero_grad(set_to_none=True)
         for _ in range(settings.grad_accum):
             epoch, batch = next(batches)
-            with autocast_context(settings, device):
-                loss = hooks.loss(batch, step)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{desc}: loss became {loss.item()} at step {step} (epoch {epoch:.2f}). "
-                    f"Fix: lower train.lr (now {settings.lr}), keep train.max_grad_norm set, or check the data."
-                )
-            (loss / settings.grad_accum).backward()
+            with hooks.step_context():
+                with autocast_context(settings, device):
+                    loss = hooks.loss(batch, step)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{desc}: loss became {loss.item()} at step {step} (epoch {epoch:.2f}). "
+                        f"Fix: lower train.lr (now {settings.lr}), keep train.max_grad_norm set, or check the data."
+                    )
+                (loss / settings.grad_accum).backward()
             if "attention_mask" in batch:
                 result.tokens += int(batch["attention_mask"].sum())
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
@@ -176,5 +188,6 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
         hooks.restore(best_state)
     result.steps, result.epochs = step, epoch
     result.seconds = time.perf_counter() - start
+    result.peak_mem_mb = peak_memory_mb(device)
     result.best_val_nll = best_nll if math.isfinite(best_nll) else float("nan")
     return result

@@ -8,7 +8,8 @@ estimate, in bytes:
     optimiser    = 16 x trainable            (fp32 value, gradient and two AdamW moments)
     stored       = 4 x stored                (posterior numbers: anchors, SWAG moments, Laplace factors)
     activations  = a B T (8 H + 4 I) per adapted-span layer without gradient checkpointing;
-                   a B T H per layer + a B T (8 H + 4 I) for one recomputed layer with it
+                   a B T H per layer + a B T (8 H + 4 I) for one recomputed layer with it (methods
+                   that cannot replay their forward train with it paused: see Posterior)
     train peak   = weights + optimiser + stored + activations
     predict peak = weights + 4 x (trainable + stored) + a B_eval T (8 H + 4 I)
 
@@ -71,7 +72,7 @@ def weight_bytes(n_params: int, model: ModelSettings, on_gpu: bool) -> float:
 
 
 def activation_bytes(backbone: Backbone, lora: LoraSettings | None, model: ModelSettings, batch: int,
-                     on_gpu: bool, training: bool) -> float:
+                     on_gpu: bool, training: bool, checkpointing: bool | None = None) -> float:
     """See the module docstring: a B T (8 H + 4 I) per kept layer."""
     config = backbone.lm.config
     per_token_layer = 8 * config.hidden_size + 4 * config.intermediate_size
@@ -81,7 +82,7 @@ def activation_bytes(backbone: Backbone, lora: LoraSettings | None, model: Model
         return a * tokens * per_token_layer
     layers = backbone.adapted_layers(lora) if lora is not None else None
     span = backbone.num_layers - (min(layers) if layers else 0)
-    if model.gradient_checkpointing:
+    if model.gradient_checkpointing if checkpointing is None else checkpointing:
         return a * tokens * (span * config.hidden_size + per_token_layer)
     return a * tokens * span * per_token_layer
 
@@ -101,7 +102,8 @@ def plan_run(run: RunSpec, backbone: Backbone, device: Device) -> dict[str, Any]
     train_peak = 0.0
     if trains:
         train_peak = (weights + ADAM_BYTES * needs.trainable + STORE_BYTES * needs.stored
-                      + activation_bytes(backbone, lora, run.model, train_settings.batch_size, on_gpu, True))
+                      + activation_bytes(backbone, lora, run.model, train_settings.batch_size, on_gpu, True,
+                                         run.model.gradient_checkpointing and cls.supports_gradient_checkpointing))
     eval_batch = train_settings.eval_batch_size if train_settings is not None else 16
     predict_peak = (weights + STORE_BYTES * (needs.trainable + needs.stored)
                     + activation_bytes(backbone, lora, run.model, eval_batch, on_gpu, False))

@@ -19,6 +19,7 @@ Each run's rows carry its per-phase profile (``time_<phase>`` columns, exclusive
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -47,6 +48,15 @@ from .store import stale_runs, write_manifest, write_results
 from .suite import RunSpec, Suite, has_paths
 
 log = logging.getLogger("bayeslora.runner")
+
+
+def checkpointing_for(posterior: Posterior, backbone: Backbone) -> contextlib.AbstractContextManager[Any]:
+    """The model's gradient checkpointing, paused for a method that cannot replay its forward."""
+    if posterior.supports_gradient_checkpointing or not backbone.gradient_checkpointing_active:
+        return contextlib.nullcontext()
+    log.info("%s trains without gradient checkpointing (see Posterior.supports_gradient_checkpointing)",
+             posterior.name)
+    return backbone.gradient_checkpointing_paused()
 
 
 @dataclass
@@ -215,7 +225,7 @@ class Runner:
         torch.manual_seed(spec.seed)
         log.info("run %s: %s", spec.run_id, spec.title)
         try:
-            with phase("fit"):
+            with phase("fit"), checkpointing_for(posterior, backbone):
                 start = time.perf_counter()
                 report = posterior.fit(backbone, task.train, task.val)
                 report.fit_seconds = report.fit_seconds or time.perf_counter() - start

@@ -5,7 +5,7 @@ A suite YAML::
     name: smoke
     num_samples: 10            # S, the same for every method of the comparison
     seeds: [0, 1, 2]
-    model: {name: smollm2-135m, max_length: 256}   # or `models: [...]`
+    model: {name: smollm2-135m, max_length: 256}   # or `models: [...]`, each over `model`'s defaults
     lora:  {r: 8, alpha: 16, dropout: 0.1, target_modules: [q_proj, v_proj], layers: {top: 4}}
     train: {epochs: 1, lr: 5.0e-4, batch_size: 8}
     data:  {max_train: 400, max_val: 48, max_test: 400}
@@ -242,11 +242,13 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     for required in ("datasets", "methods"):
         if not raw.get(required):
             raise ConfigError(f"suite has no {required!r}: list at least one")
-    if "model" in raw and "models" in raw:
-        raise ConfigError("give either 'model' or 'models' in a suite, not both")
-    models = raw.get("models") or [raw.get("model") or {}]
-    models = [build_dataclass(ModelSettings, m if isinstance(m, dict) else {"name": m}, f"models[{i}]")
-              for i, m in enumerate(models)]
+    shared_model = raw.get("model") or {}
+    shared_model = {"name": shared_model} if isinstance(shared_model, str) else shared_model
+    if not isinstance(shared_model, dict):
+        raise ConfigError(f"'model' must be a model name or a mapping of model settings, got {shared_model!r}")
+    models = raw.get("models") or [{}]
+    models = [build_dataclass(ModelSettings, {**shared_model, **(m if isinstance(m, dict) else {"name": m})},
+                              f"models[{i}]") for i, m in enumerate(models)]
     seeds = raw.get("seeds", [0])
     _check_seeds(seeds, "seeds")
     num_samples = raw.get("num_samples", 10)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.laplace_common import LaplaceSettings, check_memory, glm_logit_samples, structure_bytes
+from baselines.laplace_common import LaplaceSettings, check_memory, glm_logit_samples, split_rows, structure_bytes
 from bayeslora import ConfigError, get_method
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
@@ -25,6 +25,19 @@ def fitted(tiny_backbone, toy_splits):
     return post, report, test
 
 
+def test_jacobian_chunks_give_the_whole_batch_glm(fitted):
+    """One example per Jacobian call (the default, O(B) work instead of O(B^2)) gives the GLM mean
+    and variance of the whole batch at once: the rows' Jacobians do not depend on each other, nor on
+    the left padding that a smaller batch removes."""
+    post, _, test = fitted
+    batch = next(iter(make_loader(test, 5)))
+    mean, var = post.la._glm_predictive_distribution(batch)
+    pieces = [post.la._glm_predictive_distribution(rows) for rows in split_rows(batch, 2)]
+    assert [len(rows["labels"]) for rows in split_rows(batch, 2)] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat([m for m, _ in pieces]), mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([v for _, v in pieces]), var, atol=1e-6, rtol=1e-3)
+
+
 def test_predictive_equals_laplace_torch_glm(fitted):
     post, _, test = fitted
     loader = make_loader(test, 4)
@@ -32,7 +45,7 @@ def test_predictive_equals_laplace_torch_glm(fitted):
     assert pred.logits.shape == (len(test), 7, 2)
     # the method's samples are glm_logit_samples drawn with a generator seeded by the method's seed
     generator = torch.Generator().manual_seed(post.seed)
-    torch.testing.assert_close(pred.logits, torch.cat([glm_logit_samples(post.la, b, 7, generator) for b in loader]))
+    torch.testing.assert_close(pred.logits, torch.cat([glm_logit_samples(post.la, b, 7, generator, 1) for b in loader]))
     # ... and their softmax mean is laplace-torch's own MC GLM predictive. laplace-torch's __call__ does
     # not pass `generator` on to its sampler, so both draw from the same seeded global RNG here.
     for i, batch in enumerate(loader):

@@ -41,6 +41,17 @@ def test_trunk_cache_setting_does_not_change_run_ids():
     assert [r.run_id for r in off.runs] == [r.run_id for r in parse_suite(BASE).runs]
 
 
+def test_model_holds_the_defaults_of_every_entry_of_models():
+    raw = {**BASE, "model": {"max_length": 128, "compile": True},
+           "models": ["tiny", {"name": "tiny-b", "max_length": 64}]}
+    models = {r.model.name: r.model for r in parse_suite(raw).runs}
+    assert (models["tiny"].max_length, models["tiny-b"].max_length) == (128, 64)
+    assert models["tiny"].compile and models["tiny-b"].compile
+    assert parse_suite({**BASE, "model": "tiny"}).runs[0].model.name == "tiny"
+    with pytest.raises(ConfigError, match="'model' must be a model name or a mapping"):
+        parse_suite({**raw, "model": 3})
+
+
 def test_run_id_is_stable_and_tracks_config():
     a, b = parse_suite(BASE), parse_suite(BASE)
     assert [r.run_id for r in a.runs] == [r.run_id for r in b.runs]
