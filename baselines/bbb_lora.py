@@ -160,7 +160,7 @@ class BbbLora(Posterior):
         self.guide = MeanFieldGuide({k: p.detach() for k, p in params.items()}, self.config.init_scale)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         settings = self.config.train
         if self.config.init == "map":

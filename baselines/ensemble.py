@@ -56,7 +56,7 @@ class DeepEnsemble(MapLora):
         return f"{self.name}-seed{self.seed}-member{member_seed}"
 
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         fits = [fit_lora_adapter(backbone, self.member_name(s), self.config.lora, self.train_settings(), train, val,
                                  s, self.artifacts) for s in self.member_seeds()]

@@ -55,7 +55,7 @@ class HookedAdapterPosterior(Posterior):
 
     def train_adapter(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None) -> TrainResult:
         """Build the adapter and train it through the shared loop (noise from the global RNG, seeded)."""
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         self._build(backbone)
         settings = self.config.train
         torch.manual_seed(self.seed)

@@ -63,7 +63,7 @@ class MapLora(Posterior):
         return dataclasses.replace(self.config.train, weight_decay=self.weight_decay)
 
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         fit = fit_lora_adapter(backbone, self.adapter_name, self.config.lora, self.train_settings(), train, val,
                                self.seed, self.artifacts)

@@ -124,7 +124,7 @@ class PolarVbll(Posterior):
         self.head = VbllHead.for_backbone(backbone, self.answer_ids, regularization_weight, self.config.vbll)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         torch.manual_seed(self.seed)
         self._build(backbone, train_split.answer_ids, self.config.vbll.weight_for(len(train_split)))

@@ -160,7 +160,7 @@ class SwagLora(_SwagPosterior):
         return self.require_backbone().lora_parameters(self.adapter_name)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         fit = fit_lora_adapter(backbone, self.adapter_name, self.config.lora, self.config.train, train_split, val,
                                self.seed, self.artifacts)
@@ -217,7 +217,7 @@ class BLoraXs(_SwagPosterior):
         backbone.check_above_trunk(self.name, min(self.adapter.layer_indices()))
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         self._build(backbone)
         settings = self.config.train

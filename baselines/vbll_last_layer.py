@@ -75,7 +75,7 @@ class VbllLastLayer(MapLora):
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         start = time.perf_counter()
         report = super().fit(backbone, train_split, val) if self.config.features == "map" else FitReport()
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         batch_size = self.config.train.eval_batch_size
         train_features = cached_features(backbone, train_split, batch_size, self.feature_adapter, self.artifacts)
         val_loader = None

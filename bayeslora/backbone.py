@@ -247,15 +247,18 @@ class Backbone:
         self.use_adapter(name)
         self.lm.eval()
 
+    def _checkpointed_layers(self) -> list[nn.Module]:
+        """The LM's modules that recompute their forward in backward (transformers' flag)."""
+        return [m for m in self.lm.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
     @property
     def gradient_checkpointing_active(self) -> bool:
-        """Whether some layer of the LM recomputes its forward in backward (transformers' flag)."""
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.lm.modules())
+        return bool(self._checkpointed_layers())
 
     @contextlib.contextmanager
     def gradient_checkpointing_paused(self) -> Iterator[None]:
         """Inside the block the checkpointed layers keep their activations (plain backward)."""
-        layers = [m for m in self.lm.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        layers = self._checkpointed_layers()
         for m in layers:
             m.gradient_checkpointing = False
         try:

@@ -24,7 +24,8 @@ class ModelSettings:
     ``random_init`` builds an untrained model from a small config in code (tests, timing).
     ``trunk_cache``: auto (when every adapter sits in layers >= L, layers < L are computed once per
     prompt and reused; see :mod:`bayeslora.trunk`) or off (always the full forward).
-    ``compile``: ``torch.compile`` each decoder layer (dynamic shapes); pays on GPU, see RESULTS.md.
+    ``compile``: ``torch.compile`` each decoder layer (dynamic shapes); it did not pay in the measured
+    benchmark runs on an H100 (compilation and recompiles outweigh the gain), see RESULTS.md.
     """
 
     name: str = "smollm2-135m"

@@ -221,7 +221,7 @@ class LoraCurve(Posterior):
     # ------------------------------------------------------------------ fit
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.config.check()
-        self.attach(backbone)
+        self.attach_for_training(backbone)
         start = time.perf_counter()
         cfg = self.config
         if cfg.mode == "anchored":

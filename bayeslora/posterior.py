@@ -71,9 +71,9 @@ class Posterior(abc.ABC):
     supports_gradient_checkpointing: ClassVar[bool] = True
     """False where the training forward depends on state that the backward's recomputation of a
     checkpointed layer does not see (weights swapped in by ``functional_call``, forward hooks or
-    noise from a private generator that exist only during the forward): such a method refuses
-    ``model.gradient_checkpointing`` rather than train on wrong gradients; the runner fits it inside
-    :meth:`Backbone.gradient_checkpointing_paused`."""
+    noise from a private generator that exist only during the forward): such a method's fit refuses
+    a checkpointed backbone rather than train on wrong gradients; the runner fits it inside
+    :meth:`Backbone.gradient_checkpointing_paused`. Attaching to predict is always allowed."""
 
     def __init__(self, config: Any = None, *, seed: int = 0, artifacts: ArtifactStore | None = None):
         self.config = self.make_config(config)
@@ -95,15 +95,20 @@ class Posterior(abc.ABC):
         return build_dataclass(cls.Config, config, where=f"methods.{cls.name}.config")
 
     def attach(self, backbone: Backbone) -> Posterior:
-        """Bind to a backbone (fit does this; call it before load_state_dict on a fresh instance)."""
+        """Bind to a backbone (call it before load_state_dict on a fresh instance)."""
+        self.backbone = backbone
+        return self
+
+    def attach_for_training(self, backbone: Backbone) -> Posterior:
+        """:meth:`attach`, first refusing a checkpointed backbone that this method cannot train on
+        (see :attr:`supports_gradient_checkpointing`); fit does this."""
         if not self.supports_gradient_checkpointing and backbone.gradient_checkpointing_active:
             raise ConfigError(
                 f"method {self.name!r} does not support gradient checkpointing: its training forward uses "
                 "weights or hooks that the checkpointed recomputation would not see. Fix: fit it inside "
                 "`with backbone.gradient_checkpointing_paused():` (the runner does), or load the model "
                 "with model.gradient_checkpointing=false.")
-        self.backbone = backbone
-        return self
+        return self.attach(backbone)
 
     def require_backbone(self) -> Backbone:
         if self.backbone is None:

@@ -72,7 +72,7 @@ def weight_bytes(n_params: int, model: ModelSettings, on_gpu: bool) -> float:
 
 
 def activation_bytes(backbone: Backbone, lora: LoraSettings | None, model: ModelSettings, batch: int,
-                     on_gpu: bool, training: bool, checkpointing: bool | None = None) -> float:
+                     on_gpu: bool, training: bool, checkpointing: bool = False) -> float:
     """See the module docstring: a B T (8 H + 4 I) per kept layer."""
     config = backbone.lm.config
     per_token_layer = 8 * config.hidden_size + 4 * config.intermediate_size
@@ -82,7 +82,7 @@ def activation_bytes(backbone: Backbone, lora: LoraSettings | None, model: Model
         return a * tokens * per_token_layer
     layers = backbone.adapted_layers(lora) if lora is not None else None
     span = backbone.num_layers - (min(layers) if layers else 0)
-    if model.gradient_checkpointing if checkpointing is None else checkpointing:
+    if checkpointing:
         return a * tokens * (span * config.hidden_size + per_token_layer)
     return a * tokens * span * per_token_layer
 

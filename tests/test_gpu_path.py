@@ -39,6 +39,7 @@ def test_methods_whose_forward_checkpointing_cannot_replay_refuse_it(method, toy
     backbone = load_backbone({**tiny_model_settings("llama"), "gradient_checkpointing": True})
     with pytest.raises(ConfigError, match="gradient_checkpointing_paused"):
         get_method(method)({"train": MAP_CONFIG["train"]}, seed=0).fit(backbone, train, val)
+    get_method(method)().attach(backbone)  # attaching to reload and predict needs no backward: allowed
 
 
 def test_paused_checkpointing_trains_such_a_method_as_without_it(toy_splits):
