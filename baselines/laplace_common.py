@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,11 @@ class LaplaceSettings:
     input factors, which sum over every sequence position a LoRA layer sees.
     ``jacobian_batch_size``: examples per GLM predictive call. laplace-torch differentiates a batch's
     whole (B, K) output, B·K backward passes each through all B examples, so a call costs O(B²·K)
-    and its memory grows as B²; 1 does the least work (K backward passes per example)."""
+    and its memory grows as B²; 1 does the least work (K backward passes per example).
+    ``antithetic``: draw the S GLM logit samples in pairs f_mu ± L eps (L L^T = J Sigma J^T): every
+    sample is still N(f_mu, J Sigma J^T), but each pair averages to the MAP logits, so the Monte-Carlo
+    noise of S = 10 samples does not flip predictions near the decision boundary (for K = 2 the
+    predicted class is exactly MAP's); False draws S independent samples."""
 
     hessian_structure: str = "kron"
     prior_precision: float = 1.0
@@ -55,6 +59,7 @@ class LaplaceSettings:
     memory_fraction: float = 0.9
     fit_batch_size: int = 1
     jacobian_batch_size: int = 1
+    antithetic: bool = True
 
     def check(self) -> None:
         check_choice("hessian_structure", self.hessian_structure, STRUCTURES)
@@ -148,13 +153,38 @@ def tune_prior(la: Any, settings: LaplaceSettings, val_loader: Any | None) -> di
             "prior_precision": float(la.prior_precision.mean())}
 
 
-def glm_logit_samples(la: Any, batch: dict[str, Any], num_samples: int,
-                      generator: torch.Generator | None = None, jacobian_batch_size: int | None = None) -> torch.Tensor:
+def glm_logit_samples(la: Any, batch: dict[str, Any], num_samples: int, generator: torch.Generator | None = None,
+                      jacobian_batch_size: int | None = None, antithetic: bool = False) -> torch.Tensor:
     """(B, S, K) samples f_s ~ N(f(x; theta_MAP), J Sigma J^T) from laplace-torch's GLM predictive,
-    over rows of at most ``jacobian_batch_size`` examples at a time (None: the whole batch at once)."""
-    chunks = [la.functional_samples(rows, pred_type="glm", n_samples=num_samples, generator=generator)
-              for rows in split_rows(batch, jacobian_batch_size)]
+    over rows of at most ``jacobian_batch_size`` examples at a time (None: the whole batch at once).
+
+    antithetic: laplace-torch draws ceil(S/2) samples f_mu + L eps and the rest are their mirror
+    images 2 f_mu - f_s = f_mu - L eps, f_mu = f(x; theta_MAP) (the model's own forward)."""
+    drawn = (num_samples + 1) // 2 if antithetic else num_samples
+    chunks = []
+    for rows in split_rows(batch, jacobian_batch_size):
+        samples = la.functional_samples(rows, pred_type="glm", n_samples=drawn, generator=generator)
+        if antithetic:
+            with torch.no_grad():
+                f_mu = la.model(rows).to(samples.dtype)
+            samples = torch.cat([samples, 2 * f_mu - samples[: num_samples - drawn]])
+        chunks.append(samples)
     return torch.cat(chunks, dim=1).permute(1, 0, 2).float()
+
+
+class PreparedBatches:
+    """The batches of ``loader`` cut into pieces of ``rows`` examples (:func:`split_rows`) and passed
+    through ``prepare``: what laplace-torch's validation grid search iterates over, so that it sees
+    the same inputs, in the same Jacobian chunks, as the GLM predictive."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], prepare: Callable[[dict[str, Any]], dict[str, Any]],
+                 rows: int | None):
+        self.loader, self.prepare, self.rows = loader, prepare, rows
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            for piece in split_rows(batch, self.rows):
+                yield self.prepare(piece)
 
 
 def split_rows(batch: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
@@ -205,7 +235,7 @@ class LaplacePosterior(MapLora):
     def curvature_loader(self, train: EncodedSplit) -> DataLoader:
         raise NotImplementedError
 
-    def validation_loader(self, val: EncodedSplit) -> DataLoader:
+    def validation_loader(self, val: EncodedSplit) -> Iterable[dict[str, Any]]:
         raise NotImplementedError
 
     def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +270,7 @@ class LaplacePosterior(MapLora):
         return collect_predictive(
             backbone, loader,
             lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator,
-                                        self.config.jacobian_batch_size),
+                                        self.config.jacobian_batch_size, self.config.antithetic),
             desc=self.name, inference_mode=False)
 
     def state_dict(self) -> dict[str, Any]:

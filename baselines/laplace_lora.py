@@ -4,7 +4,8 @@
 p(theta | D) ~= N(theta_MAP, (H + lambda I)^-1), H the GGN over all LoRA parameters (K-FAC by
 default; diag or full where they fit), lambda tuned by the log marginal likelihood (default) or
 validation NLL. Prediction is the linearised (GLM) predictive f ~ N(f(x; theta_MAP), J Sigma J^T):
-the (N, S, K) output holds S logit samples of it, drawn by laplace-torch.
+the (N, S, K) output holds S logit samples of it, drawn by laplace-torch (in antithetic pairs by
+default, see :class:`~baselines.laplace_common.LaplaceSettings`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from bayeslora.backbone import Backbone, target_modules
 from bayeslora.data import EncodedSplit, make_loader
 
-from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
+from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel, PreparedBatches
 from .map_lora import AdapterConfig
 
 
@@ -63,8 +64,10 @@ class LaplaceLora(LaplacePosterior):
     def curvature_loader(self, train: EncodedSplit) -> DataLoader:
         return make_loader(train, self.config.fit_batch_size)
 
-    def validation_loader(self, val: EncodedSplit) -> DataLoader:
-        return make_loader(val, self.config.train.eval_batch_size)
+    def validation_loader(self, val: EncodedSplit) -> PreparedBatches:
+        """For the validation-NLL grid search: the GLM predictive's inputs and Jacobian chunks."""
+        return PreparedBatches(make_loader(val, self.config.train.eval_batch_size), self.glm_inputs,
+                               self.config.jacobian_batch_size)
 
     def curvature_context(self) -> contextlib.AbstractContextManager[Any]:
         return eager_attention_if(self.require_backbone(), self.config.hessian_structure == "full")

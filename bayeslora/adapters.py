@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .artifacts import ArtifactStore
 from .backbone import Backbone
-from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain
+from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain, train_key
 from .data import EncodedSplit, fit_loaders
 from .training import TrainingHooks, TrainResult, train
 
@@ -73,7 +73,7 @@ class AdapterFit:
 def map_adapter_key(backbone: Backbone, lora: LoraSettings, settings: TrainSettings, train_split: EncodedSplit,
                     val_split: EncodedSplit | None, seed: int) -> dict[str, Any]:
     """Everything a MAP adapter depends on (progress-bar flags excluded)."""
-    train_cfg = {k: v for k, v in to_plain(settings).items() if k not in ("progress", "eval_batch_size")}
+    train_cfg = train_key(to_plain(settings), neutral=("progress", "eval_batch_size"))
     return {
         "model": backbone.model_id,
         "model_settings": {k: v for k, v in to_plain(backbone.settings).items()

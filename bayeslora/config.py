@@ -58,7 +58,13 @@ class LoraSettings:
 
 @dataclass
 class TrainSettings:
-    """The one fine-tuning loop's settings (AdamW, linear warm-up/decay, clipping, early stopping)."""
+    """The one fine-tuning loop's settings (AdamW, linear warm-up/decay, clipping, early stopping).
+
+    ``keep``: which trainable state the loop returns when it has a validation split. ``best_val``: the
+    evaluated epoch with the lowest validation NLL (early-stopping selection; validation NLL is
+    checked after every epoch); ``last``: the state after the final step, as fixed-budget fine-tuning
+    (the setting of the Laplace-LoRA and BLoB papers, where MAP ends overconfident).
+    """
 
     epochs: float = 1.0
     lr: float = 1e-4
@@ -69,9 +75,31 @@ class TrainSettings:
     schedule: str = "linear"
     max_grad_norm: float = 1.0
     early_stopping_patience: int | None = None
+    keep: str = "best_val"
     eval_batch_size: int = 16
     autocast: str = "auto"
     progress: bool = True
+
+
+TRAIN_FIELDS_KEYED_ONLY_OFF_DEFAULT = {"keep": "best_val"}
+"""TrainSettings fields added after results existed, with the default that reproduces the loop from
+before: at that default they are left out of run ids and artifact keys (:func:`train_key`), so finished
+runs and cached adapters stay valid; any other value is part of the key."""
+_TRAIN_FIELD_NAMES = {f.name for f in dataclasses.fields(TrainSettings)} - set(TRAIN_FIELDS_KEYED_ONLY_OFF_DEFAULT)
+
+
+def train_key(value: Any, neutral: tuple[str, ...] = ()) -> Any:
+    """``value`` (plain data) as it enters a run id or artifact key: every TrainSettings mapping in it
+    loses the fields named in ``neutral`` (at the top level only) and the later-added fields that sit at
+    their old-behaviour default (:data:`TRAIN_FIELDS_KEYED_ONLY_OFF_DEFAULT`, at any depth)."""
+    if isinstance(value, list):
+        return [train_key(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: train_key(v) for k, v in value.items() if k not in neutral}
+    if _TRAIN_FIELD_NAMES <= set(value):
+        out = {k: v for k, v in out.items() if TRAIN_FIELDS_KEYED_ONLY_OFF_DEFAULT.get(k, object()) != v}
+    return out
 
 
 @dataclass
@@ -122,6 +150,34 @@ def _dataclass_in(tp: Any) -> type | None:
     return None
 
 
+def _numeric_type(tp: Any) -> type | None:
+    """float or int when ``tp`` is one of them (or Optional of one), else None."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    numeric = [a for a in args if a in (float, int)]
+    return numeric[0] if len(numeric) == 1 and bool not in args else None
+
+
+def _coerce_number(tp: Any, value: Any, where: str) -> Any:
+    """YAML 1.1 reads ``3e-3`` (no dot) as a string: turn such strings into the field's number type;
+    a string that is not a number, or a bool, is a ConfigError naming the field."""
+    kind = _numeric_type(tp)
+    if kind is None or value is None:
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got the string {value!r}") from None
+        if kind is int:
+            if not number.is_integer():
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            return int(number)
+        return number
+    return value
+
+
 def build_dataclass(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     """Instantiate dataclass ``cls`` from ``values``; unknown keys raise ConfigError naming ``where``."""
     if values is None:
@@ -140,7 +196,7 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, where: str) -> Any
         sub = _dataclass_in(hints.get(key))
         if sub is not None and isinstance(value, dict):
             value = build_dataclass(sub, value, f"{where}.{key}")
-        kwargs[key] = value
+        kwargs[key] = _coerce_number(hints.get(key), value, f"{where}.{key}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -3,7 +3,8 @@
 AdamW over ``hooks.param_groups()``, linear (or constant / cosine) schedule with warm-up,
 gradient accumulation, data parallelism across processes (:mod:`bayeslora.distributed`),
 gradient-norm clipping, bf16 autocast on GPU, early stopping on
-validation NLL (best trainable state restored), a progress bar, and a clear error on NaN loss.
+validation NLL (the best epoch's trainable state restored, or the last one with ``keep: last``),
+a progress bar, and a clear error on NaN loss.
 Extension points: extra loss terms (override ``loss``), parameter groups, a gradient transform
 before each optimiser step (e.g. a landing field), and per-step callbacks (e.g. SWAG snapshots).
 """
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import TrainSettings
+from .config import TrainSettings, check_choice
 from .errors import ConfigError, TrainingError
 from .profiling import peak_memory_mb, phase, reset_peak_memory
 
@@ -128,6 +129,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
            val_loader: DataLoader | None, desc: str) -> TrainResult:
     if settings.epochs <= 0 or settings.batch_size <= 0 or settings.grad_accum <= 0:
         raise ConfigError("train.epochs, train.batch_size and train.grad_accum must be positive")
+    check_choice("train.keep", settings.keep, ("best_val", "last"))
     groups = hooks.param_groups()
     params = [p for g in groups for p in g["params"]]
     clipped = [p for g in groups if g.get("clip", True) for p in g["params"]]
@@ -177,7 +179,8 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
             result.history.append({"step": step, "epoch": epoch, "train_loss": running, "val_nll": nll})
             if math.isfinite(nll):
                 if nll < best_nll - 1e-6:
-                    best_nll, bad_epochs, best_state = nll, 0, hooks.snapshot()
+                    best_nll, bad_epochs = nll, 0
+                    best_state = hooks.snapshot() if settings.keep == "best_val" else None
                 else:
                     bad_epochs += 1
                     patience = settings.early_stopping_patience

@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="output folder of `bayeslora run`")
     report.add_argument("-o", "--output", help="HTML file to write (default DIR/report.html); the Markdown twin "
                                                "goes beside it as .md with its figures in <name>_files/")
-    report.add_argument("--reference", default="map", help="method the paired comparison is against (default map)")
+    report.add_argument("--reference", action="append",
+                        help="method label the paired comparison is against; repeat for one section each "
+                             "(default: every map entry of the folder, e.g. map and map-6ep)")
     report.set_defaults(func=_cmd_report)
     prof = sub.add_parser("profile", help="seconds per phase of a results folder, or two compared")
     prof.add_argument("dirs", nargs="+", help="one output folder, or two (before, after) for a speed-up table")

@@ -52,12 +52,12 @@ class ReportFiles:
 class ReportBuilder:
     """Collects a results folder's tables, predictives and path files, and turns them into sections."""
 
-    def __init__(self, out_dir: Path, reference: str = "map"):
+    def __init__(self, out_dir: Path, reference: str | list[str] | None = None):
         self.out = out_dir
-        self.reference = reference
         self.results = results_table(out_dir)
         if self.results.empty:
             raise FileNotFoundError(f"no finished runs under {out_dir}/runs; run `bayeslora run SUITE --out {out_dir}`")
+        self.references = [reference] if isinstance(reference, str) else reference or self.map_labels()
         self.predictives, missing_files = load_predictives(out_dir, self.results)
         self.index = by_run(self.predictives)
         self.methods = list(dict.fromkeys(self.results.method))
@@ -65,6 +65,13 @@ class ReportBuilder:
         self.notes: list[str] = [f"Predictive file missing, left out of the figures: {m}" for m in missing_files]
 
     # -- helpers -------------------------------------------------------------------------------
+    def map_labels(self) -> list[str]:
+        """The labels of every ``map`` entry (e.g. ``map`` and a fixed-budget ``map-6ep``), so each method
+        is also compared with the MAP adapter it starts from; ``["map"]`` when there is none."""
+        if "method_name" not in self.results.columns:
+            return ["map"]
+        return list(dict.fromkeys(self.results.method[self.results.method_name == "map"])) or ["map"]
+
     def groups(self):
         """(model, dataset, eval set) and its result rows."""
         yield from self.results.groupby(GROUP_KEYS, sort=False)
@@ -121,16 +128,16 @@ class ReportBuilder:
                                Table(table[quality], marks[quality]), Table(table[costs], caption="Costs:")]
         return section
 
-    def pairwise_section(self) -> Section:
-        section = Section(f"Paired comparison with {self.reference}")
-        table = pairwise_table(self.results, self.predictives, reference=self.reference)
+    def pairwise_section(self, reference: str) -> Section:
+        section = Section(f"Paired comparison with {reference}")
+        table = pairwise_table(self.results, self.predictives, reference=reference)
         if table.empty:
-            section.blocks.append(Note(f"No {self.reference} runs to pair with in this folder, so there is no "
-                                       f"paired comparison; add `{self.reference}` to the suite's methods."))
-            self.notes.append(f"paired comparison skipped: no {self.reference} runs")
+            section.blocks.append(Note(f"No {reference} runs to pair with in this folder, so there is no "
+                                       f"paired comparison; add `{reference}` to the suite's methods."))
+            self.notes.append(f"paired comparison skipped: no {reference} runs")
             return section
         section.blocks.append(Text(
-            f"Differences method − {self.reference} on runs paired by seed (mean ± std over the n paired seeds). "
+            f"Differences method − {reference} on runs paired by seed (mean ± std over the n paired seeds). "
             f"* : paired t-test over seeds, p < {ALPHA}. † (NLL only): Wilcoxon signed-rank test over test "
             f"examples of the per-example NLL difference (averaged over the paired seeds), p < {ALPHA}; it "
             f"applies to single-seed methods too. No correction for multiple comparisons."))
@@ -273,7 +280,8 @@ class ReportBuilder:
         return Section("The suite as run", [Code(suite_file.read_text())])
 
     def build(self) -> tuple[str, list[Section]]:
-        body = [self.leaderboard_section(), self.pairwise_section(), self.reliability_section(),
+        body = [self.leaderboard_section(), *[self.pairwise_section(r) for r in self.references],
+                self.reliability_section(),
                 self.selective_section(), self.samples_section(), self.ood_section(), self.paths_section(),
                 self.cost_section(), self.suite_section()]
         self.notes = self.missing_runs() + self.notes
@@ -291,9 +299,11 @@ def _p(value: float) -> str:
     return "–" if pd.isna(value) else f"{value:.3g}"
 
 
-def build_report(out_dir: str | Path, html_path: str | Path | None = None, reference: str = "map") -> ReportFiles:
+def build_report(out_dir: str | Path, html_path: str | Path | None = None,
+                 reference: str | list[str] | None = None) -> ReportFiles:
     """Write the HTML report (default OUT/report.html) and its Markdown twin (same name, .md, with
-    figures in <name>_files/)."""
+    figures in <name>_files/). ``reference``: the method(s) of the paired comparisons, one section each;
+    default every ``map`` entry of the folder."""
     out_dir = Path(out_dir)
     html_path = Path(html_path) if html_path else out_dir / "report.html"
     if html_path.suffix.lower() not in (".html", ".htm"):

@@ -18,6 +18,7 @@ A suite YAML::
       - {name: map, label: map-wd0.1, train: {weight_decay: 0.1}}   # per-method lora/train overrides
       - {name: some_method, config: {key: value}}                    # the method's own Config
       - {name: ensemble, seeds: [0], config: {members: 3}}           # per-method seeds
+      - {name: laplace_lora, datasets: [sst2]}                       # per-method datasets
     path: {points: 21, splits: [train, test], max_examples: 128, methods: [lora_curve], datasets: [sst2]}
                                # loss along weight-space paths after predicting, for the listed method
                                # labels and datasets (default: every method that defines paths(), e.g.
@@ -47,6 +48,7 @@ from bayeslora.config import (
     TrainSettings,
     build_dataclass,
     to_plain,
+    train_key,
 )
 from bayeslora.data import get_task
 from bayeslora.paths import PathSettings
@@ -64,6 +66,8 @@ class MethodEntry:
     lora: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] | None = None
+    datasets: list[str] | None = None
+    """Dataset names this method runs on (None: all of the suite's)."""
 
 
 @dataclass
@@ -110,7 +114,7 @@ class RunSpec:
         # progress bars, the device and the trunk cache do not change results; keep them out of the key
         for key in RESULT_NEUTRAL_MODEL_FIELDS:
             resolved["model"].pop(key, None)
-        cfg = resolved["method"]["config"]
+        cfg = resolved["method"]["config"] = train_key(resolved["method"]["config"])
         if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict):
             cfg["train"].pop("progress", None)
         return content_hash(resolved)
@@ -153,15 +157,19 @@ def _method_entry(item: Any, i: int) -> MethodEntry:
         return MethodEntry(item, item)
     if not isinstance(item, dict) or "name" not in item:
         raise ConfigError(f"methods[{i}] must be a method name or a mapping with 'name', got {item!r}")
-    unknown = set(item) - {"name", "label", "config", "lora", "train", "seeds"}
+    unknown = set(item) - {"name", "label", "config", "lora", "train", "seeds", "datasets"}
     if unknown:
         raise ConfigError(f"methods[{i}] has unknown keys {sorted(unknown)}; "
-                          f"valid: name, label, config, lora, train, seeds")
+                          f"valid: name, label, config, lora, train, seeds, datasets")
     seeds = item.get("seeds")
     if seeds is not None:
         _check_seeds(seeds, f"methods[{i}].seeds")
+    datasets = item.get("datasets")
+    if datasets is not None and (not isinstance(datasets, list) or not datasets
+                                 or not all(isinstance(d, str) for d in datasets)):
+        raise ConfigError(f"methods[{i}].datasets must be a list of dataset names, got {datasets!r}")
     return MethodEntry(item["name"], item.get("label", item["name"]), dict(item.get("config") or {}),
-                       dict(item.get("lora") or {}), dict(item.get("train") or {}), seeds)
+                       dict(item.get("lora") or {}), dict(item.get("train") or {}), seeds, datasets)
 
 
 def _check_seeds(seeds: Any, where: str) -> None:
@@ -260,6 +268,11 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
         raise ConfigError(f"method labels must be unique; give repeated methods a 'label': {labels}")
     configs = {m.label: _method_config(m, raw) for m in methods}
     datasets = [_dataset_entry(d, i) for i, d in enumerate(raw["datasets"])]
+    for m in methods:
+        stray = sorted(set(m.datasets or []) - {d.name for d in datasets})
+        if stray:
+            raise ConfigError(f"method {m.label!r} lists datasets {stray} that the suite does not have; "
+                              f"the suite's datasets: {[d.name for d in datasets]}")
     name = raw.get("name", default_name)
     data = {d.name: build_dataclass(DataSettings, {**(raw.get("data") or {}), **d.data}, f"datasets.{d.name}.data")
             for d in datasets}
@@ -271,7 +284,7 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
                 raw.get("n_bins", 15), loras[method.label],
                 paths[method.label, dataset.name])
         for model in models for dataset in datasets for seed in all_seeds for method in methods
-        if seed in (method.seeds or seeds)
+        if seed in (method.seeds or seeds) and dataset.name in (method.datasets or [dataset.name])
     ]
     return Suite(name, raw, runs)
 

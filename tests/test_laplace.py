@@ -45,20 +45,33 @@ def test_predictive_equals_laplace_torch_glm(fitted):
     assert pred.logits.shape == (len(test), 7, 2)
     # the method's samples are glm_logit_samples drawn with a generator seeded by the method's seed
     generator = torch.Generator().manual_seed(post.seed)
-    torch.testing.assert_close(pred.logits, torch.cat([glm_logit_samples(post.la, b, 7, generator, 1) for b in loader]))
-    # ... and their softmax mean is laplace-torch's own MC GLM predictive. laplace-torch's __call__ does
-    # not pass `generator` on to its sampler, so both draw from the same seeded global RNG here.
+    torch.testing.assert_close(pred.logits, torch.cat([glm_logit_samples(post.la, b, 7, generator, 1, antithetic=True)
+                                                       for b in loader]))
+    # independent draws: their softmax mean is laplace-torch's own MC GLM predictive. laplace-torch's
+    # __call__ does not pass `generator` on to its sampler, so both draw from the same seeded global RNG.
     for i, batch in enumerate(loader):
         torch.manual_seed(100 + i)
         ours = glm_logit_samples(post.la, batch, 7).softmax(-1).mean(1)
         torch.manual_seed(100 + i)
         theirs = post.la(batch, pred_type="glm", link_approx="mc", n_samples=7)
         torch.testing.assert_close(ours, theirs.float(), atol=1e-6, rtol=1e-6)
-    # the GLM is centred on the MAP logits: the probit mean ranks classes as MAP does
+    # antithetic draws: the first ceil(S/2) are laplace-torch's samples, the rest their reflections
+    # through laplace-torch's GLM mean
+    batch = next(iter(loader))
+    f_mu, _ = post.la._glm_predictive_distribution(batch)
+    drawn = post.la.functional_samples(batch, n_samples=4, generator=torch.Generator().manual_seed(5))
+    mirrored = glm_logit_samples(post.la, batch, 7, torch.Generator().manual_seed(5), antithetic=True)
+    torch.testing.assert_close(mirrored[:, :4], drawn.permute(1, 0, 2).float())
+    torch.testing.assert_close(mirrored[:, 4:] + mirrored[:, :3], 2 * f_mu[:, None].float().expand(-1, 3, -1),
+                               atol=1e-5, rtol=1e-5)
+    # the GLM is centred on the MAP logits: the probit mean and (K = 2) the antithetic sample mean rank
+    # classes as MAP does
     map_post = get_method("map")({k: CONFIG[k] for k in ("lora", "train")}, seed=0).attach(post.backbone)
     map_post.load_state_dict({"adapter": post.state_dict()["adapter"]})
+    map_class = map_post.predict(loader, 1).logits[:, 0].argmax(-1).tolist()
     probit = torch.cat([post.la(b, pred_type="glm", link_approx="probit") for b in loader])
-    assert probit.argmax(-1).tolist() == map_post.predict(loader, 1).logits[:, 0].argmax(-1).tolist()
+    assert probit.argmax(-1).tolist() == map_class
+    assert post.predict(loader, 6).logits.softmax(-1).mean(1).argmax(-1).tolist() == map_class
 
 
 def test_prior_optimisation_increases_log_marginal_likelihood(fitted):

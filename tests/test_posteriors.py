@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bayeslora import TrainingError, get_method
+from bayeslora import ConfigError, TrainingError, get_method
 from bayeslora.adapters import ClassifierHooks
 from bayeslora.artifacts import ArtifactStore
 from bayeslora.config import TrainSettings
@@ -88,6 +88,46 @@ def test_early_stopping_restores_best_epoch(tiny_backbone, toy_splits):
     assert result.best_val_nll == pytest.approx(min(vals))
     assert hooks.val_nll(make_loader(toy_splits[1], 8)) == pytest.approx(min(vals), rel=1e-5)
     assert all(math.isfinite(v) for v in vals)
+
+
+@pytest.mark.parametrize("keep, expected_epoch", [("best_val", 2), ("last", 4)])
+def test_keep_chooses_the_best_validation_epoch_or_the_last(keep, expected_epoch):
+    from bayeslora.training import TrainingHooks
+
+    class Scripted(TrainingHooks):
+        """w grows by one step per epoch; validation NLL is scripted to be lowest after epoch 2."""
+
+        def __init__(self):
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.epochs_done, self.w_at = 0, {}
+
+        def param_groups(self):
+            return [{"params": [self.w]}]
+
+        def loss(self, batch, step):
+            return -self.w  # AdamW's first steps move w by ~lr each
+
+        def val_nll(self, loader):
+            self.epochs_done += 1
+            self.w_at[self.epochs_done] = float(self.w)
+            return [0.5, 0.3, 0.4, 0.6][self.epochs_done - 1]
+
+        def snapshot(self):
+            return {"w": self.w.detach().clone()}
+
+        def restore(self, state):
+            with torch.no_grad():
+                self.w.copy_(state["w"])
+
+    hooks = Scripted()
+    settings = TrainSettings(epochs=4, lr=0.1, batch_size=1, weight_decay=0.0, warmup_ratio=0.0,
+                             schedule="constant", progress=False, keep=keep)
+    result = train(hooks, [{}] * 2, settings, torch.device("cpu"), val_loader=[{}])
+    assert len(result.history) == 4 and result.best_val_nll == 0.3
+    assert len(set(hooks.w_at.values())) == 4
+    assert float(hooks.w) == hooks.w_at[expected_epoch]
+    with pytest.raises(ConfigError, match="train.keep"):
+        train(hooks, [{}], TrainSettings(keep="best", progress=False), torch.device("cpu"))
 
 
 def test_groups_marked_clip_false_are_left_out_of_gradient_clipping():

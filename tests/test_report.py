@@ -37,7 +37,7 @@ def _logits(n: int, s: int, k: int, seed: int, sharp: float = 2.0) -> tuple[torc
 
 
 def write_run(out: Path, run_id: str, method: str, seed: int, num_samples: int, dataset: str = "sst2",
-              ood: tuple[str, ...] = (), n: int = 40, path_csv: bool = False) -> None:
+              ood: tuple[str, ...] = (), n: int = 40, path_csv: bool = False, method_name: str | None = None) -> None:
     """A finished run folder: predictive files and metrics.json rows computed from them."""
     run = out / "runs" / run_id
     run.mkdir(parents=True)
@@ -46,7 +46,7 @@ def write_run(out: Path, run_id: str, method: str, seed: int, num_samples: int, 
     Predictive(logits, labels, ids).save(run / "predictive.pt")
     rows = []
     for eval_set in (dataset, *ood):
-        row = {"model": "tiny", "method": method, "method_name": method, "dataset": dataset, "eval_set": eval_set,
+        row = {"model": "tiny", "method": method, "method_name": method_name or method, "dataset": dataset, "eval_set": eval_set,
                "split": "test", "seed": seed, "num_samples": num_samples, "n_examples": n, "fit_seconds": 1.5,
                "predict_seconds": 0.5, "peak_mem_mb": 100.0, "trainable_params": 64, "posterior_params": 0,
                "forward_passes": num_samples, "template": "t", "protocol": f"offline:{eval_set}", "n_bins": 15,
@@ -239,6 +239,16 @@ def test_report_draws_every_section_from_a_complete_folder(tmp_path, capsys):
     md = (tmp_path / "r" / "report.md").read_text()
     assert md.count("](report_files/") == len(images)
     assert len(list((tmp_path / "r" / "report_files").glob("*.png"))) == len(images)
+
+
+def test_every_map_entry_gets_its_own_paired_comparison(tmp_path):
+    out = synthetic_folder(tmp_path / "res", ood=())
+    for seed in (0, 1, 2):
+        write_run(out, f"long{seed}", "map-long", seed, 1, method_name="map")
+    page = build_report(out).html.read_text()
+    assert ">Paired comparison with map</h2>" in page and ">Paired comparison with map-long</h2>" in page
+    only = build_report(out, tmp_path / "only.html", reference=["mc_dropout"]).html.read_text()
+    assert ">Paired comparison with mc_dropout</h2>" in only and ">Paired comparison with map" not in only
 
 
 def test_report_names_what_is_missing_instead_of_failing(tmp_path, capsys):

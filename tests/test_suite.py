@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from bayeslora import ConfigError, DataError, UnknownMethodError
+from bayeslora.config import to_plain, train_key
 from benchmarks.suite import apply_overrides, load_suite, parse_suite
 
 BASE = {"name": "t", "model": {"name": "tiny"}, "datasets": ["sst2", {"name": "obqa", "ood": ["arc_easy"]}],
@@ -16,6 +17,14 @@ def test_expansion_and_method_overrides():
     assert by_label["map"].train.lr == 0.001 and by_label["map-lr"].train.lr == 0.1
     assert by_label["map"].lora.r == 4
     assert suite.runs[0].dataset.name == "sst2" and suite.runs[-1].dataset.ood == ["arc_easy"]
+
+
+def test_per_method_datasets():
+    suite = parse_suite({**BASE, "methods": ["map", {"name": "temperature", "datasets": ["obqa"]}]})
+    assert {(r.method.label, r.dataset.name) for r in suite.runs if r.seed == 0} == {
+        ("map", "sst2"), ("map", "obqa"), ("temperature", "obqa")}
+    assert [r.run_id for r in suite.runs if r.method.label == "map"] == [
+        r.run_id for r in parse_suite({**BASE, "methods": ["map"]}).runs]
 
 
 def test_per_method_seeds_and_lora_for_the_trunk_layer():
@@ -62,6 +71,19 @@ def test_run_id_is_stable_and_tracks_config():
     assert [r.run_id for r in quiet.runs] == [r.run_id for r in a.runs]
 
 
+def test_a_later_added_setting_at_its_old_behaviour_default_keeps_run_ids():
+    """train.keep came after results existed: at best_val (the old loop) the ids stay what they were,
+    for the suite's train settings and for nested ones (vbll's head_train) alike; last changes them."""
+    suite = {**BASE, "methods": ["map", "vbll"]}
+    ids = [r.run_id for r in parse_suite(suite).runs]
+    assert [r.run_id for r in parse_suite(apply_overrides(suite, ["train.keep=best_val"])).runs] == ids
+    assert not set(r.run_id for r in parse_suite(apply_overrides(suite, ["train.keep=last"])).runs) & set(ids)
+    head = {**suite, "methods": ["map", {"name": "vbll", "config": {"vbll": {"head_train": {"keep": "last"}}}}]}
+    assert [r.run_id for r in parse_suite(head).runs if r.method.name == "vbll"][0] not in ids
+    plain = to_plain(parse_suite(suite).runs[0].method_config.train)
+    assert "keep" not in train_key(plain) and train_key({**plain, "keep": "last"})["keep"] == "last"
+
+
 @pytest.mark.parametrize("change, error, match", [
     ({"methdos": []}, ConfigError, "unknown top-level suite key"),
     ({"methods": ["laplace_lorra"]}, UnknownMethodError, "Registered methods"),
@@ -71,6 +93,8 @@ def test_run_id_is_stable_and_tracks_config():
     ({"methods": ["map", "map"]}, ConfigError, "labels must be unique"),
     ({"methods": [{"name": "zero_shot", "train": {"lr": 1}}]}, ConfigError, "has no train settings"),
     ({"num_samples": 0}, ConfigError, "num_samples"),
+    ({"methods": [{"name": "map", "datasets": ["boolq"]}]}, ConfigError, "does not have"),
+    ({"methods": [{"name": "map", "datasets": "sst2"}]}, ConfigError, "list of dataset names"),
 ])
 def test_bad_suites_fail_clearly(change, error, match):
     with pytest.raises(error, match=match):
@@ -89,6 +113,17 @@ def test_bad_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_suite(good, ["data.max_test"])
     assert load_suite(good, ["seeds=[3]"]).runs[0].seed == 3
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    # YAML 1.1 reads 3e-3 as a string; the settings builder turns it into the field's number type
+    suite = parse_suite(apply_overrides(BASE, ["train.lr=3e-3", "train.batch_size=4"]))
+    train = [r.method_config.train for r in suite.runs if hasattr(r.method_config, "train")][0]
+    assert train.lr == 0.003 and isinstance(train.lr, float) and train.batch_size == 4
+    with pytest.raises(ConfigError, match=r"train.*\.lr must be a number"):
+        parse_suite(apply_overrides(BASE, ["train.lr=fast"]))
+    with pytest.raises(ConfigError, match="batch_size must be an integer"):
+        parse_suite(apply_overrides(BASE, ["train.batch_size=2.5e0"]))
 
 
 def test_shipped_suites_parse():

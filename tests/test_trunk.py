@@ -62,10 +62,10 @@ def test_partial_hits_in_a_batch_match_full_forward():
     torch.testing.assert_close(mixed, full, atol=1e-5, rtol=1e-5)
 
 
-def _fast_config(cls):
+def _fast_config(cls, **extra):
     """The method's Config with a tiny LoRA on the top two layers and a short training run."""
     names = {f.name for f in dataclasses.fields(cls.Config)}
-    values = {}
+    values = dict(extra)
     if "lora" in names:
         values["lora"] = TOP2
     if "train" in names:
@@ -73,13 +73,13 @@ def _fast_config(cls):
     return cls.make_config(values)
 
 
-def _fit_predict(cls, mode: str):
+def _fit_predict(cls, mode: str, **extra):
     backbone = four_layer_backbone("llama")
     split = lambda n, s, name: encode(backbone, toy_examples(n, s), name)
     train, val, test = split(24, 0, "train"), split(8, 1, "val"), split(10, 2, "test")
     backbone.configure_trunk_cache(mode, TOP2)
     torch.manual_seed(0)
-    posterior = cls(_fast_config(cls), seed=0)
+    posterior = cls(_fast_config(cls, **extra), seed=0)
     posterior.fit(backbone, train, val)
     torch.manual_seed(123)
     predictive = posterior.predict(make_loader(test, 5), 3)
@@ -96,6 +96,16 @@ def test_every_method_predicts_the_same_with_and_without_trunk_cache(method):
     cls = get_method(method)
     off, _ = _fit_predict(cls, "off")
     on, backbone = _fit_predict(cls, "auto")
+    assert backbone.trunk is not None and backbone.trunk.computed > 0
+    torch.testing.assert_close(on.logits, off.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_laplace_lora_validation_grid_search_runs_on_the_trunk_cache():
+    """The grid search evaluates laplace-torch's GLM predictive under torch.func, where the cache
+    cannot look entries up: it gets the trunk states beforehand, as the predictive does."""
+    settings = {"prior_method": "gridsearch", "grid": [0.1, 10.0, 1000.0]}
+    off, _ = _fit_predict(get_method("laplace_lora"), "off", **settings)
+    on, backbone = _fit_predict(get_method("laplace_lora"), "auto", **settings)
     assert backbone.trunk is not None and backbone.trunk.computed > 0
     torch.testing.assert_close(on.logits, off.logits, atol=1e-4, rtol=1e-4)
 
