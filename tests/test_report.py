@@ -48,9 +48,10 @@ def write_run(out: Path, run_id: str, method: str, seed: int, num_samples: int, 
     for eval_set in (dataset, *ood):
         row = {"model": "tiny", "method": method, "method_name": method_name or method, "dataset": dataset,
                "eval_set": eval_set, "split": "test", "seed": seed, "num_samples": num_samples, "n_examples": n,
-               "fit_seconds": 1.5, "predict_seconds": 0.5, "peak_mem_mb": 100.0, "trainable_params": 64, "posterior_params": 0,
-               "forward_passes": num_samples, "template": "t", "protocol": f"offline:{eval_set}", "n_bins": 15,
-               "k_policy": "K=2", "suite": "synthetic", "run_id": run_id, "time_fit": 1.5, "time_predict": 0.5}
+               "fit_seconds": 1.5, "predict_seconds": 0.5, "peak_mem_mb": 100.0, "trainable_params": 64,
+               "posterior_params": 0, "forward_passes": num_samples, "template": "t",
+               "protocol": f"offline:{eval_set}", "n_bins": 15, "k_policy": "K=2", "suite": "synthetic",
+               "run_id": run_id, "time_fit": 1.5, "time_predict": 0.5}
         pred_logits, pred_labels = logits, labels
         if eval_set != dataset:
             pred_logits, pred_labels = _logits(n, num_samples, 2, seed=seed + 100, sharp=0.2)
