@@ -47,8 +47,9 @@ class LaplaceSettings:
     and its memory grows as B²; 1 does the least work (K backward passes per example).
     ``antithetic``: draw the S GLM logit samples in pairs f_mu ± L eps (L L^T = J Sigma J^T): every
     sample is still N(f_mu, J Sigma J^T), but each pair averages to the MAP logits, so the Monte-Carlo
-    noise of S = 10 samples does not flip predictions near the decision boundary (for K = 2 the
-    predicted class is exactly MAP's); False draws S independent samples."""
+    noise of S = 10 samples does not flip predictions near the decision boundary (for K = 2 the pair
+    mean ranks the classes as MAP does, up to float ties); False draws S independent samples.
+    The mirror images need f_mu, which costs one extra forward of the LogitsModel per chunk."""
 
     hessian_structure: str = "kron"
     prior_precision: float = 1.0
