@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
+from bayeslora.attention import differentiable_attention
 from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
@@ -256,7 +257,7 @@ class LaplacePosterior(MapLora):
         self.la = build_laplace(model, self.config, self.dict_key_x)
         # laplace-torch's curvlinops backend builds some operands (an identity for the full GGN) with
         # factory defaults: make the backbone's device the default so they do not land on the CPU
-        with self.curvature_context(), torch.device(backbone.device):
+        with self.curvature_context(), differentiable_attention(), torch.device(backbone.device):
             self.la.fit(self.curvature_loader(train))
             tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
         report.fit_seconds = time.perf_counter() - start
@@ -268,11 +269,12 @@ class LaplacePosterior(MapLora):
         backbone = self.require_backbone()
         backbone.use_adapter(self.adapter_name)
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
-        return collect_predictive(
+        with differentiable_attention():  # the GLM predictive differentiates the backbone
+            return collect_predictive(
             backbone, loader,
-            lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator,
-                                        self.config.jacobian_batch_size, self.config.antithetic),
-            desc=self.name, inference_mode=False)
+                lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator,
+                                            self.config.jacobian_batch_size, self.config.antithetic),
+                desc=self.name, inference_mode=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "laplace": self.la.state_dict()}

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bayeslora import ResourceNeeds
 from bayeslora.backbone import Backbone, target_modules
 from bayeslora.data import EncodedSplit, make_loader
 
@@ -49,6 +50,16 @@ class LaplaceLora(LaplacePosterior):
     name = "laplace_lora"
     Config = LaplaceLoraConfig
     description = "Laplace-LoRA (laplace-torch, K-FAC GGN, marglik prior, GLM predictive), S samples"
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """Laplace's needs, plus what differentiating the backbone costs: K-FAC sums each batch's
+        factors into the running ones (one more copy while fitting), and the curvature and GLM passes
+        keep the graph of ``fit_batch_size`` / ``jacobian_batch_size`` examples."""
+        needs = super().resource_needs(backbone, config, num_classes)
+        one_copy = needs.stored // 2  # stored counts the factors twice (precision + decomposition)
+        return replace(needs, fit_stored=one_copy, curvature_batch=config.fit_batch_size,
+                       jacobian_batch=config.jacobian_batch_size)
 
     @classmethod
     def laplace_shapes(cls, backbone: Backbone, config: Any, num_classes: int) -> list[tuple[int, ...]]:

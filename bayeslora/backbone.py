@@ -234,6 +234,7 @@ class Backbone:
         )
         if self.peft_model is None:
             self.peft_model = get_peft_model(self.lm, config, adapter_name=name)
+            drop_input_require_grads_hook(self.lm)  # peft adds it back on a checkpointed model
         else:
             if name in self.peft_model.peft_config:
                 raise ConfigError(f"adapter {name!r} already exists on this backbone")
@@ -461,6 +462,7 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
         model = model.to(device)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        drop_input_require_grads_hook(model)
     if settings.compile:
         compile_decoder_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(tok_path, revision=settings.revision)
@@ -471,6 +473,13 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
         raise ConfigError(f"model {settings.name!r} has no decoder/LM head; bayeslora needs a causal LM")
     log.info("loaded %s (%s, %s)", settings.name, dtype, device)
     return Backbone(model, tokenizer, settings)
+
+
+def drop_input_require_grads_hook(model: nn.Module) -> None:
+    """Remove the hook with which transformers and peft make a checkpointed model's embedding outputs
+    require grad. Only reentrant checkpointing needs it (bayeslora uses the non-reentrant one), and
+    it breaks torch.func transforms such as laplace-torch's GLM Jacobians."""
+    model.disable_input_require_grads()
 
 
 def compile_decoder_layers(model: nn.Module) -> None:

@@ -38,12 +38,19 @@ class ResourceNeeds:
     AdamW moments); ``stored``: further fp32 numbers the posterior holds (frozen anchors or ensemble
     members, SWAG moments and deviations, Laplace factors, frozen SVD factors); ``training_runs``:
     trainings of that size one after another (ensemble members, curve anchors + the curve), 0 for none;
-    ``predict_passes``: backbone passes per test example (None: S, the suite's ``num_samples``)."""
+    ``predict_passes``: backbone passes per test example (None: S, the suite's ``num_samples``);
+    ``fit_stored``: fp32 numbers held only while fitting (K-FAC: one more copy of the factors, the
+    batch's, while they are summed); ``curvature_batch`` / ``jacobian_batch``: examples per post-hoc
+    pass that differentiates the backbone's K outputs (a curvature fit, a linearised predictive), 0
+    for none. Those passes run in eval mode, where checkpointing does not apply: the whole graph is kept."""
 
     trainable: int = 0
     stored: int = 0
     training_runs: int = 1
     predict_passes: int | None = None
+    fit_stored: int = 0
+    curvature_batch: int = 0
+    jacobian_batch: int = 0
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 
@@ -72,10 +73,40 @@ def phase(name: str) -> Iterator[None]:
             yield
 
 
+_open_windows: list[list[int]] = []
+"""The running peak (bytes) of each :func:`peak_memory_window` open around the current code."""
+
+
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new accelerator peak-memory window (a no-op on CPU, whose peak RSS cannot be reset)."""
+    """Start a new accelerator peak-memory window (a no-op on CPU, whose peak RSS cannot be reset).
+    The peak so far is first handed to every enclosing :func:`peak_memory_window`."""
     if device.type == "cuda":
+        current = torch.cuda.max_memory_allocated(device)
+        for window in _open_windows:
+            window[0] = max(window[0], current)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+@dataclass
+class PeakMemory:
+    mb: float = 0.0
+
+
+@contextlib.contextmanager
+def peak_memory_window(device: torch.device) -> Iterator[PeakMemory]:
+    """The peak memory over the block, set on the yielded object when the block ends: the maximum of
+    ``max_memory_allocated`` over every window that code inside the block resets (the training loop
+    and the predictive start their own); the process's peak RSS on CPU."""
+    result = PeakMemory()
+    reset_peak_memory(device)
+    running = [0]
+    _open_windows.append(running)
+    try:
+        yield result
+    finally:
+        _open_windows.remove(running)
+        result.mb = (max(running[0], torch.cuda.max_memory_allocated(device)) / 2**20 if device.type == "cuda"
+                     else peak_memory_mb(device))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -4,7 +4,8 @@ AdamW over ``hooks.param_groups()``, linear (or constant / cosine) schedule with
 gradient accumulation, data parallelism across processes (:mod:`bayeslora.distributed`),
 gradient-norm clipping, bf16 autocast on GPU, early stopping on
 validation NLL (the best epoch's trainable state restored, or the last one with ``keep: last``),
-a progress bar, and a clear error on NaN loss.
+attention kernels that are safe to differentiate (:mod:`bayeslora.attention`), a progress bar, and a clear
+error on NaN loss.
 Extension points: extra loss terms (override ``loss``), parameter groups, a gradient transform
 before each optimiser step (e.g. a landing field), and per-step callbacks (e.g. SWAG snapshots).
 """
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
+from .attention import differentiable_attention
 from .config import TrainSettings, check_choice
 from .errors import ConfigError, TrainingError
 from .profiling import peak_memory_mb, phase, reset_peak_memory
@@ -151,7 +153,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
         optimizer.zero_grad(set_to_none=True)
         for _ in range(settings.grad_accum):
             epoch, batch = next(batches)
-            with hooks.step_context():
+            with hooks.step_context(), differentiable_attention():
                 with autocast_context(settings, device):
                     loss = hooks.loss(batch, step)
                 if not torch.isfinite(loss):

@@ -22,7 +22,8 @@ from .tables import to_latex, to_markdown
 
 GROUP = ["model", "dataset", "eval_set", "method"]
 SHOWN = ["acc", "ece", "nll", "brier", "mi", "aurc", "ood_auroc_mi", "ood_auroc_entropy"]
-COSTS = ["trainable_params", "posterior_params", "fit_seconds", "predict_seconds", "forward_passes", "peak_mem_mb"]
+COSTS = ["trainable_params", "posterior_params", "fit_seconds", "predict_seconds", "forward_passes", "fit_peak_mem_mb",
+         "peak_mem_mb"]
 LOWER_IS_BETTER = {"ece", "nll", "brier", "aurc"}
 HIGHER_IS_BETTER = {"acc", "acc_at_80_coverage", "ood_auroc_mi", "ood_auroc_entropy"}
 
@@ -47,7 +48,8 @@ HEADERS = {"n_seeds": "seeds", "acc": "acc ↑", "ece": "ECE ↓", "nll": "NLL �
            "aurc": "AURC ↓", "acc_at_80_coverage": "acc@80% ↑", "ood_auroc_mi": "OOD AUROC (MI) ↑",
            "ood_auroc_entropy": "OOD AUROC (H) ↑", "trainable_params": "trainable params",
            "posterior_params": "posterior params", "fit_seconds": "fit s", "predict_seconds": "predict s",
-           "forward_passes": "passes / example", "peak_mem_mb": "peak MB"}
+           "forward_passes": "passes / example", "fit_peak_mem_mb": "fit peak MB",
+           "peak_mem_mb": "predict peak MB"}
 
 
 def format_cell(mean: float, std: float, metric: str, n_seeds: int) -> str:
@@ -56,7 +58,7 @@ def format_cell(mean: float, std: float, metric: str, n_seeds: int) -> str:
         return MISSING
     if metric in ("trainable_params", "posterior_params", "forward_passes"):
         return f"{mean:,.0f}"
-    if metric in ("fit_seconds", "predict_seconds", "peak_mem_mb"):
+    if metric in ("fit_seconds", "predict_seconds", "fit_peak_mem_mb", "peak_mem_mb"):
         return f"{mean:.1f}"
     spec = ".2e" if metric == "mi" else ".4f"
     return f"{mean:{spec}}" if n_seeds < 2 else f"{mean:{spec}} ± {std:{spec}}"

@@ -10,14 +10,21 @@ estimate, in bytes:
     activations  = a B T (8 H + 4 I) per adapted-span layer without gradient checkpointing;
                    a B T H per layer + a B T (8 H + 4 I) for one recomputed layer with it (methods
                    that cannot replay their forward train with it paused: see Posterior)
-    train peak   = weights + optimiser + stored + activations
-    predict peak = weights + 4 x (trainable + stored) + a B_eval T (8 H + 4 I)
+    train peak   = weights + optimiser + stored + activations, or for a post-hoc curvature fit
+                   (Laplace-LoRA) the larger weights + 4 x (trainable + stored + fit_stored)
+                   + K x graph(curvature_batch)
+    predict peak = weights + 4 x (trainable + stored) + a B_eval T (8 H + 4 I), or with a linearised
+                   predictive K x graph(jacobian_batch) in place of the last term
 
 with B the batch size, T ``model.max_length``, H the hidden and I the MLP width, a the activation
 bytes (2 under bf16 autocast on GPU, 4 on CPU), and the adapted span the layers from the lowest
 adapted one up (the frozen layers below run without keeping activations). 8 H + 4 I counts what one
 decoder layer keeps per token for backward (norm outputs, q/k/v/o inputs and outputs, residuals;
 gate, up, activation and down inputs); attention runs through SDPA, so no T x T scores are kept.
+graph(b) = a b T (8 H + 4 I) per adapted-span layer: a pass in eval mode, where checkpointing does
+not apply, whose K outputs are differentiated. Counted K times, it put Laplace-LoRA's planned peaks
+on a Qwen2.5-7B-size model (K = 2) 2% under the measured fit and 6% under the measured prediction
+(benchmarks/RESULTS.md); larger K was not measured.
 """
 
 from __future__ import annotations
@@ -87,6 +94,12 @@ def activation_bytes(backbone: Backbone, lora: LoraSettings | None, model: Model
     return a * tokens * span * per_token_layer
 
 
+def graph_bytes(backbone: Backbone, lora: LoraSettings | None, model: ModelSettings, batch: int,
+                on_gpu: bool) -> float:
+    """graph(b): what a differentiated eval-mode pass over ``batch`` examples keeps (no checkpointing)."""
+    return activation_bytes(backbone, lora, model, batch, on_gpu, training=True, checkpointing=False)
+
+
 def plan_run(run: RunSpec, backbone: Backbone, device: Device) -> dict[str, Any]:
     """One row: counts, memory (GB), passes per example and whether it fits."""
     cls = get_method(run.method.name)
@@ -104,9 +117,14 @@ def plan_run(run: RunSpec, backbone: Backbone, device: Device) -> dict[str, Any]
         train_peak = (weights + ADAM_BYTES * needs.trainable + STORE_BYTES * needs.stored
                       + activation_bytes(backbone, lora, run.model, train_settings.batch_size, on_gpu, True,
                                          run.model.gradient_checkpointing and cls.supports_gradient_checkpointing))
+    held = weights + STORE_BYTES * (needs.trainable + needs.stored)
+    if needs.curvature_batch:
+        train_peak = max(train_peak, held + STORE_BYTES * needs.fit_stored
+                         + num_classes * graph_bytes(backbone, lora, run.model, needs.curvature_batch, on_gpu))
     eval_batch = train_settings.eval_batch_size if train_settings is not None else 16
-    predict_peak = (weights + STORE_BYTES * (needs.trainable + needs.stored)
-                    + activation_bytes(backbone, lora, run.model, eval_batch, on_gpu, False))
+    predict_peak = held + (num_classes * graph_bytes(backbone, lora, run.model, needs.jacobian_batch, on_gpu)
+                           if needs.jacobian_batch else
+                           activation_bytes(backbone, lora, run.model, eval_batch, on_gpu, False))
     epochs = train_settings.epochs if trains else 0.0
     predict_passes = needs.predict_passes if needs.predict_passes is not None else run.num_samples
     peak = max(train_peak, predict_peak)

@@ -41,7 +41,7 @@ from bayeslora.config import DataSettings, ModelSettings, to_plain
 from bayeslora.data import EncodedSplit, get_task, load_task_splits, make_loader
 from bayeslora.metrics import classification_metrics, ood_metrics
 from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
-from bayeslora.profiling import PHASES, PhaseProfile, phase, recording
+from bayeslora.profiling import PHASES, PhaseProfile, peak_memory_window, phase, recording
 from bayeslora.trunk import TrunkCache
 
 from .store import stale_runs, write_manifest, write_results
@@ -225,10 +225,11 @@ class Runner:
         torch.manual_seed(spec.seed)
         log.info("run %s: %s", spec.run_id, spec.title)
         try:
-            with phase("fit"), checkpointing_for(posterior, backbone):
+            with phase("fit"), checkpointing_for(posterior, backbone), peak_memory_window(backbone.device) as peak:
                 start = time.perf_counter()
                 report = posterior.fit(backbone, task.train, task.val)
                 report.fit_seconds = report.fit_seconds or time.perf_counter() - start
+            report.extra["peak_mem_mb"] = peak.mb  # the whole fit: training runs and post-hoc passes
             log.info("fit: %s", report)
             eval_batch = getattr(getattr(spec.method_config, "train", None), "eval_batch_size", 16)
             with phase("predict"):

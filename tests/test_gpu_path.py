@@ -3,11 +3,13 @@ checkpointing, compiled decoder layers, training peak memory."""
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, get_method
 from bayeslora.backbone import load_backbone
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import make_loader
+from bayeslora.training import TrainingHooks, train
 from benchmarks.runner import checkpointing_for
 
 from .conftest import tiny_model_settings
@@ -75,3 +77,86 @@ def test_the_runner_pauses_checkpointing_only_for_methods_that_need_it():
         with checkpointing_for(get_method(method)(), backbone):
             assert backbone.gradient_checkpointing_active is not paused
     assert backbone.gradient_checkpointing_active
+
+
+class _RecordingHooks(TrainingHooks):
+    """A one-parameter objective that records whether SDPA may pick cuDNN, in the forward and in backward."""
+
+    def __init__(self):
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.weight.register_hook(self._in_backward)
+        self.seen: list[tuple[str, bool]] = []
+
+    def _in_backward(self, grad):
+        self.seen.append(("backward", torch.backends.cuda.cudnn_sdp_enabled()))
+        return grad
+
+    def param_groups(self):
+        return [{"params": [self.weight]}]
+
+    def loss(self, batch, step):
+        self.seen.append(("forward", torch.backends.cuda.cudnn_sdp_enabled()))
+        return (self.weight * batch["x"]).pow(2).mean()
+
+
+def test_training_steps_run_without_the_cudnn_attention_kernel():
+    """cuDNN's SDPA backward returns NaN gradients on left-padded batches of some lengths (bayeslora.attention):
+    the loop keeps it out of every step's forward and backward, and restores the setting afterwards."""
+    hooks = _RecordingHooks()
+    loader = DataLoader([{"x": torch.randn(3)} for _ in range(4)], batch_size=2)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    train(hooks, loader, TrainSettings(epochs=1, lr=1e-2, batch_size=2, progress=False), torch.device("cpu"))
+    assert {phase for phase, _ in hooks.seen} == {"forward", "backward"} and len(hooks.seen) == 4
+    assert not any(enabled for _, enabled in hooks.seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_laplace_lora_on_a_checkpointed_backbone_predicts_as_without_checkpointing(toy_splits, monkeypatch):
+    """transformers and peft hook a checkpointed model's embeddings to call requires_grad_, which
+    torch.func (laplace-torch's GLM Jacobians, also in the validation grid search) refuses; the
+    backbone drops that hook, and the Jacobians run without the cuDNN attention kernel."""
+    import baselines.laplace_common as laplace_common
+
+    train_split, val, test = toy_splits
+    config = {**MAP_CONFIG, "lora": LoraSettings(r=2, alpha=4, dropout=0.0, layers=[1]), "prior_method": "gridsearch"}
+    cudnn_in_jacobians = []
+    original = laplace_common.glm_logit_samples
+
+    def recording(*args, **kwargs):
+        cudnn_in_jacobians.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(laplace_common, "glm_logit_samples", recording)
+    logits = []
+    for checkpointing in (False, True):
+        backbone = load_backbone({**tiny_model_settings("llama"), "gradient_checkpointing": checkpointing})
+        post = get_method("laplace_lora")(config, seed=0)
+        post.fit(backbone, train_split, val)
+        assert backbone.gradient_checkpointing_active == checkpointing
+        logits.append(post.predict(make_loader(test, 4), 4).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    assert cudnn_in_jacobians and not any(cudnn_in_jacobians)
+
+
+def test_fit_peak_memory_spans_the_windows_that_code_inside_starts(monkeypatch):
+    """The runner's fit peak covers every training run and post-hoc pass, although the training loop
+    and the predictive each reset the accelerator's peak counter: checked against a scripted allocator."""
+    from bayeslora import profiling
+
+    counter = {"peak": 0}
+    allocate = lambda n: counter.update(peak=max(counter["peak"], n))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counter["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: counter.update(peak=0))
+    cuda = torch.device("cuda")
+    with profiling.peak_memory_window(cuda) as fit:
+        allocate(700)                      # e.g. a first ensemble member's training
+        profiling.reset_peak_memory(cuda)  # the next training run starts its own window
+        allocate(300)
+        with profiling.peak_memory_window(cuda) as inner:
+            allocate(500)
+        allocate(200)
+    assert inner.mb == 500 / 2**20 and fit.mb == 700 / 2**20
+    with profiling.peak_memory_window(cuda) as later:
+        profiling.reset_peak_memory(cuda)
+        allocate(900)                      # the peak after the last reset inside
+    assert later.mb == 900 / 2**20 and profiling._open_windows == []

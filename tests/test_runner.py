@@ -23,8 +23,8 @@ from .plugin_fixture import install_plugin
 
 REPO = Path(__file__).parents[1]
 REQUIRED_COLUMNS = ["model", "method", "dataset", "eval_set", "split", "seed", "num_samples", "n_examples", "acc",
-                    "ece", "nll", "brier", "entropy", "mi", "fit_seconds", "predict_seconds", "peak_mem_mb",
-                    "trainable_params"]
+                    "ece", "nll", "brier", "entropy", "mi", "fit_seconds", "predict_seconds", "fit_peak_mem_mb",
+                    "peak_mem_mb", "trainable_params"]
 
 
 def tiny_suite(**changes):
