@@ -271,7 +271,7 @@ class LaplacePosterior(MapLora):
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
         with differentiable_attention():  # the GLM predictive differentiates the backbone
             return collect_predictive(
-            backbone, loader,
+                backbone, loader,
                 lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator,
                                             self.config.jacobian_batch_size, self.config.antithetic),
                 desc=self.name, inference_mode=False)
