@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
 from bayeslora.adapters import fit_lora_adapter
 from bayeslora.backbone import Backbone, lora_parameter_count
+from bayeslora.config import PositiveInt
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive, sample_class_logits
 
@@ -28,7 +29,7 @@ from .map_lora import AdapterConfig, MapLora
 class EnsembleConfig(AdapterConfig):
     """``members``: M, the number of independently trained adapters (papers use 3-5)."""
 
-    members: int = 5
+    members: PositiveInt = 5
 
 
 class DeepEnsemble(MapLora):

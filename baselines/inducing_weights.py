@@ -42,14 +42,14 @@ from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
 
 from bayeslora import ConfigError
-from bayeslora.config import check_choice
+from bayeslora.config import Validated, check_choice
 
 Q_INDUCING = ("diagonal", "full", "flow")
 _JITTER = 1e-6
 
 
 @dataclass
-class InducingSettings:
+class InducingSettings(Validated):
     """``rows`` x ``cols``: the inducing matrix U; ``q_inducing``: diagonal | full covariance of q(u), or
     flow (a diagonal Gaussian through an affine autoregressive flow of hidden width ``flow_hidden``,
     at least rows x cols; None: rows x cols);

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader
 from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
 from bayeslora.attention import differentiable_attention
 from bayeslora.backbone import Backbone, lora_parameter_count
-from bayeslora.config import check_choice
+from bayeslora.config import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Validated,
+    check_choice,
+)
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
 from bayeslora.predictive import MASKED_LOGIT
@@ -36,7 +43,7 @@ PRIOR_METHODS = ("marglik", "gridsearch", "none")
 
 
 @dataclass
-class LaplaceSettings:
+class LaplaceSettings(Validated):
     """``hessian_structure``: kron (K-FAC GGN), diag or full. Prior precision lambda (scalar):
     ``prior_method`` marglik (Adam on log lambda maximising the log marginal likelihood, ``prior_steps``
     steps at ``prior_lr``), gridsearch (validation NLL of the GLM probit predictive over ``grid``),
@@ -53,14 +60,14 @@ class LaplaceSettings:
     The mirror images need f_mu, which costs one extra forward of the LogitsModel per chunk."""
 
     hessian_structure: str = "kron"
-    prior_precision: float = 1.0
+    prior_precision: PositiveFloat = 1.0
     prior_method: str = "marglik"
-    prior_steps: int = 100
-    prior_lr: float = 0.1
-    grid: list[float] = field(default_factory=lambda: [10.0 ** e for e in range(-4, 5)])
-    memory_fraction: float = 0.9
-    fit_batch_size: int = 1
-    jacobian_batch_size: int = 1
+    prior_steps: NonNegativeInt = 100
+    prior_lr: PositiveFloat = 0.1
+    grid: list[PositiveFloat] = field(default_factory=lambda: [10.0 ** e for e in range(-4, 5)])
+    memory_fraction: Annotated[float, Range(gt=0, le=1)] = 0.9
+    fit_batch_size: PositiveInt = 1
+    jacobian_batch_size: PositiveInt = 1
     antithetic: bool = True
 
     def check(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch.utils.data import DataLoader
 
 from bayeslora import Predictive
+from bayeslora.config import Fraction, PositiveInt
 from bayeslora.predict import collect_predictive, sample_class_logits
 
 from .map_lora import AdapterConfig, MapLora
@@ -23,8 +24,8 @@ class McDropoutConfig(AdapterConfig):
     """``p``: test-time dropout rate (None: the adapter's training rate ``lora.dropout``);
     ``samples_per_forward``: samples stacked into one batched forward (memory for speed)."""
 
-    p: float | None = None
-    samples_per_forward: int = 1
+    p: Fraction | None = None
+    samples_per_forward: PositiveInt = 1
 
 
 class McDropout(MapLora):

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from bayeslora import ConfigError
-from bayeslora.config import check_choice
+from bayeslora.config import Validated, check_choice
 
 COVARIANCES = ("low_rank", "diagonal")
 
 
 @dataclass
-class SwagSettings:
+class SwagSettings(Validated):
     """The SWA phase and the SWAG Gaussian.
 
     ``epochs``: length of the SWA phase (after the burn-in); ``lr``: its constant learning rate

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, Predictive
 from bayeslora.backbone import Backbone
+from bayeslora.config import PositiveInt
 from bayeslora.data import EncodedSplit, make_loader
 from bayeslora.predict import collect_predictive
 
@@ -27,7 +28,7 @@ from .map_lora import AdapterConfig, MapLora
 class TemperatureConfig(AdapterConfig):
     """``max_iter``: L-BFGS iterations for log T."""
 
-    max_iter: int = 100
+    max_iter: PositiveInt = 100
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> tuple[float, float, float]:

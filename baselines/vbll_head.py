@@ -25,7 +25,7 @@ from vbll.layers.classification import gaussian_kl
 
 from bayeslora import ConfigError
 from bayeslora.backbone import Backbone, mask_choices
-from bayeslora.config import TrainSettings, check_choice
+from bayeslora.config import TrainSettings, Validated, check_choice
 from bayeslora.predictive import MASKED_LOGIT
 from bayeslora.training import TrainingHooks
 
@@ -40,7 +40,7 @@ def head_train_defaults() -> TrainSettings:
 
 
 @dataclass
-class VbllSettings:
+class VbllSettings(Validated):
     """The head: ``parameterization`` of Sigma_k (dense | diagonal | lowrank with ``cov_rank``),
     prior N(0, ``prior_scale`` * 2/H I), Wishart(``wishart_scale``, ``dof``) on the logit noise,
     ``regularization_weight`` w (None: 1/N, N = training examples) and ``init`` of the mean: the

@@ -19,6 +19,7 @@ from .artifacts import ArtifactStore
 from .backbone import Backbone
 from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain, train_key
 from .data import EncodedSplit, fit_loaders
+from .identity import source_digest
 from .training import TrainingHooks, TrainResult, train
 
 
@@ -71,11 +72,16 @@ class AdapterFit:
 
 
 def map_adapter_key(backbone: Backbone, lora: LoraSettings, settings: TrainSettings, train_split: EncodedSplit,
-                    val_split: EncodedSplit | None, seed: int) -> dict[str, Any]:
-    """Everything a MAP adapter depends on (progress-bar flags excluded)."""
+                    val_split: EncodedSplit | None, seed: int,
+                    hooks_cls: type[ClassifierHooks] = ClassifierHooks) -> dict[str, Any]:
+    """Everything a MAP adapter depends on (progress-bar flags excluded): the model and its weight files,
+    the settings, the tokenised data, the seed and the training code (this module's and the hooks')."""
     train_cfg = train_key(to_plain(settings), neutral=("progress", "eval_batch_size"))
+    packages = tuple(sorted({hooks_cls.__module__.split(".")[0], "bayeslora"}))
     return {
         "model": backbone.model_id,
+        "model_source": backbone.source_identity,
+        "code": [source_digest(__name__), source_digest(hooks_cls.__module__, packages)],
         "model_settings": {k: v for k, v in to_plain(backbone.settings).items()
                            if k not in RESULT_NEUTRAL_MODEL_FIELDS},
         "lora": to_plain(lora),
@@ -95,7 +101,7 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
     backbone.add_lora(name, lora, seed=seed)
     params = backbone.lora_parameters(name)
     n_params = sum(p.numel() for p in params.values())
-    key = map_adapter_key(backbone, lora, settings, train_split, val_split, seed) if cache_kind else None
+    key = map_adapter_key(backbone, lora, settings, train_split, val_split, seed, hooks_cls) if cache_kind else None
     if artifacts is not None and key is not None:
         cached = artifacts.get(cache_kind, key)
         if cached is not None:

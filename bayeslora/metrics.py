@@ -148,10 +148,29 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: i
     }
 
 
-def ood_metrics(logits_id: torch.Tensor, logits_ood: torch.Tensor) -> dict[str, float]:
-    """AUROC of MI and of predictive entropy for telling OOD (positive) from ID examples."""
+NOISE_FLOOR = 1e-6
+"""Spreads and differences below this are float noise, not signal: the MI of a deterministic or
+near-deterministic predictive is ~1e-9 nats of rounding, and a ranking of such values is arbitrary."""
+
+
+def at_noise(values: torch.Tensor) -> bool:
+    """Whether the spread max - min of ``values`` is below :data:`NOISE_FLOOR`."""
+    return len(values) == 0 or float(values.max() - values.min()) < NOISE_FLOOR
+
+
+def ood_metrics(logits_id: torch.Tensor, logits_ood: torch.Tensor) -> dict[str, float | str]:
+    """AUROC of MI and of predictive entropy for telling OOD (positive) from ID examples.
+
+    A score whose spread over all ID and OOD examples is at float noise (:func:`at_noise`) ranks
+    nothing: its AUROC is NaN and ``ood_auroc_<score>_na`` says why (shown as "n/a")."""
     u_id, u_ood = uncertainty(logits_id), uncertainty(logits_ood)
-    return {
-        "ood_auroc_mi": auroc(u_ood["mi"], u_id["mi"]),
-        "ood_auroc_entropy": auroc(u_ood["entropy"], u_id["entropy"]),
-    }
+    out: dict[str, float | str] = {}
+    for score, label in (("mi", "MI"), ("entropy", "predictive entropy")):
+        both = torch.cat([u_ood[score], u_id[score]])
+        if at_noise(both):
+            out[f"ood_auroc_{score}"] = float("nan")
+            spread = float(both.max() - both.min()) if len(both) else 0.0
+            out[f"ood_auroc_{score}_na"] = f"{label} spread {spread:.1e} is float noise (< {NOISE_FLOOR:g})"
+        else:
+            out[f"ood_auroc_{score}"] = auroc(u_ood[score], u_id[score])
+    return out

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .config import Validated
 from .data import EncodedSplit, make_loader
 from .errors import ConfigError
 
@@ -38,8 +39,10 @@ class WeightPath:
 
 
 @dataclass
-class PathSettings:
+class PathSettings(Validated):
     """``points``: T values of t; ``splits``: which of train/val/test; ``max_examples``: first N per split."""
+
+    config_name: ClassVar[str] = "path"
 
     points: int = 21
     splits: list[str] = field(default_factory=lambda: ["train", "test"])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch.utils.data import DataLoader
 
+from .config import Validated
 from .errors import ConfigError
 from .predictive import Predictive
 
@@ -54,7 +55,7 @@ class ResourceNeeds:
 
 
 @dataclass
-class EmptyConfig:
+class EmptyConfig(Validated):
     """For methods without hyperparameters."""
 
 

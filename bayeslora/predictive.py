@@ -61,8 +61,21 @@ class Predictive:
 
     @classmethod
     def load(cls, path: str | Path) -> Predictive:
-        d = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(d["logits"], d["labels"], d["example_ids"], Cost(**d.get("cost", {})))
+        """Read a file written by :meth:`save` (``weights_only``: never code); anything else raises
+        DamagedFileError naming the file."""
+        from .files import DamagedFileError, safe_torch_load
+
+        d = safe_torch_load(Path(path))
+        try:
+            tensors = isinstance(d, dict) and all(isinstance(d[k], torch.Tensor) for k in ("logits", "labels"))
+            if not (tensors and isinstance(d["example_ids"], list) and isinstance(d.get("cost", {}), dict)):
+                raise TypeError("unexpected contents")
+            defaults = Cost()
+            cost = Cost(**{k: type(getattr(defaults, k))(v) for k, v in d.get("cost", {}).items()
+                           if k in Cost.__dataclass_fields__})
+            return cls(d["logits"], d["labels"], [str(e) for e in d["example_ids"]], cost)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DamagedFileError(f"{path} is not a predictive file ({exc})") from exc
 
 
 MASKED_LOGIT = -1.0e9

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import atomic_torch_save
+from .files import DamagedFileError, atomic_torch_save, safe_torch_load, value_digest
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,14 @@ def update_weight_digest(h: Any, named_tensors: Iterable[tuple[str, torch.Tensor
             h.update(sample.numpy().tobytes())
 
 
-def trunk_fingerprint(decoder: nn.Module, layer: int, model_id: str) -> str:
-    """Hash of what the trunk's output depends on: architecture, dtype, L and the weights of
-    embed_tokens and layers 0..L-1 (a strided sample of every tensor, ~4k values each)."""
+def trunk_fingerprint(decoder: nn.Module, layer: int, model_id: str, source: Any = None) -> str:
+    """Hash of what the trunk's output depends on: architecture, dtype, L, the weights of embed_tokens
+    and layers 0..L-1 (a strided sample of every tensor, ~4k values each), the weight files' identity
+    (``source``, see :func:`bayeslora.identity.model_identity`) and this module's code."""
+    from .identity import source_digest
+
     h = hashlib.blake2b(digest_size=12)
-    h.update(f"{model_id}|{decoder.config.model_type}|L={layer}".encode())
+    h.update(f"{model_id}|{decoder.config.model_type}|L={layer}|{source!r}|{source_digest(__name__)}".encode())
     modules = [("embed_tokens", decoder.embed_tokens)] + [(f"layers.{i}", decoder.layers[i]) for i in range(layer)]
     update_weight_digest(h, ((f"{prefix}.{name}", p) for prefix, module in modules
                              for name, p in module.named_parameters() if "lora_" not in name))
@@ -166,20 +169,32 @@ class TrunkCache:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
-        """Write all entries (atomically) if any were added since the last save/load."""
+        """Write all entries (atomically, with a checksum) if any were added since the last save/load."""
         if not self.dirty:
             return
-        atomic_torch_save({"fingerprint": self.fingerprint, "layer": self.layer, "entries": self.entries}, Path(path))
+        atomic_torch_save({"fingerprint": self.fingerprint, "layer": self.layer, "checksum": value_digest(self.entries),
+                           "entries": self.entries}, Path(path))
         self.dirty = False
 
     def load(self, path: str | Path) -> bool:
-        """Merge entries saved by :meth:`save`; a file from another model or layer is ignored."""
+        """Merge entries saved by :meth:`save`; a file from another model or layer is ignored, and a damaged
+        one (does not load, fails its checksum) is logged with its path and removed: its entries are
+        recomputed as needed."""
         path = Path(path)
         if not path.exists():
             return False
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") != self.fingerprint or saved.get("layer") != self.layer:
-            log.info("ignoring trunk cache %s: it belongs to another model or layer", path.name)
+        try:
+            saved = safe_torch_load(path)
+            if not isinstance(saved, dict) or not isinstance(saved.get("entries"), dict):
+                raise DamagedFileError(f"{path} is not a trunk cache file")
+            if saved.get("fingerprint") != self.fingerprint or saved.get("layer") != self.layer:
+                log.info("ignoring trunk cache %s: it belongs to another model or layer", path.name)
+                return False
+            if saved.get("checksum") != value_digest(saved["entries"]):
+                raise DamagedFileError(f"{path} fails its checksum (its contents were changed after writing)")
+        except DamagedFileError as exc:
+            log.warning("discarding trunk cache: %s; its states will be recomputed", exc)
+            path.unlink(missing_ok=True)
             return False
         for k, v in saved["entries"].items():
             if k not in self.entries:

@@ -20,12 +20,24 @@ import pandas as pd
 import torch
 
 from bayeslora import Predictive
+from bayeslora.data import TASKS
+from bayeslora.files import DamagedFileError
 from bayeslora.metrics import classification_metrics, log_predictive, reliability_bins, uncertainty
+
+from .store import RUN_ID, run_file_intact
+
+
+def predictive_name(dataset: str, eval_set: str) -> str:
+    """The file name of a run's predictive for one evaluation set (both must be known task names)."""
+    for name in (dataset, eval_set):
+        if name not in TASKS:
+            raise DamagedFileError(f"unknown evaluation set {name!r} in a results row")
+    return "predictive.pt" if eval_set == dataset else f"predictive-{eval_set}.pt"
 
 
 def predictive_path(run_dir: Path, dataset: str, eval_set: str) -> Path:
     """Where the runner saved a run's predictive for one evaluation set."""
-    return run_dir / ("predictive.pt" if eval_set == dataset else f"predictive-{eval_set}.pt")
+    return run_dir / predictive_name(dataset, eval_set)
 
 
 @dataclass
@@ -44,12 +56,23 @@ def load_predictives(out_dir: Path, results: pd.DataFrame) -> tuple[list[RunPred
     """The predictive behind every results row; also the rows whose file is missing (as messages)."""
     found, missing = [], []
     for row in results.itertuples(index=False):
-        path = predictive_path(out_dir / "runs" / row.run_id, row.dataset, row.eval_set)
-        if not path.exists():
-            missing.append(f"{row.method} / {row.eval_set} / seed {row.seed}: {path.name} not in runs/{row.run_id}")
+        where = f"{row.method} / {row.eval_set} / seed {row.seed}"
+        if not RUN_ID.fullmatch(str(row.run_id)):
+            missing.append(f"{where}: the row's run id {str(row.run_id)[:40]!r} is not a run id")
             continue
-        found.append(RunPredictive(row.model, row.method, int(row.seed), row.dataset, row.eval_set,
-                                   Predictive.load(path)))
+        run_dir = out_dir / "runs" / str(row.run_id)
+        try:
+            path = predictive_path(run_dir, row.dataset, row.eval_set)
+            if not path.exists():
+                missing.append(f"{where}: {path.name} not in runs/{row.run_id}")
+                continue
+            if not run_file_intact(run_dir, path.name):
+                raise DamagedFileError(f"{path} does not match the checksum in its metrics.json")
+            predictive = Predictive.load(path)
+        except DamagedFileError as exc:
+            missing.append(f"{where}: {exc}")
+            continue
+        found.append(RunPredictive(row.model, row.method, int(row.seed), row.dataset, row.eval_set, predictive))
     return found, missing
 
 

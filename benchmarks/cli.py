@@ -23,8 +23,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_assets(args: argparse.Namespace) -> int:
     from bayeslora.assets import ensure_all
 
-    for what, path in ensure_all().items():
-        print(f"{what}: {path}")
+    for what, path in ensure_all(verify=True).items():
+        print(f"{what}: {path} (verified)")
     return 0
 
 
@@ -38,7 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .executors import make_executor
 
         executor = make_executor(args.executor, args.out, apply_overrides({}, args.executor_option))
-    executed = Runner(suite, args.out).run(executor)
+    executed = Runner(suite, args.out, rerun=args.rerun).run(executor)
     print(f"{len(executed)} runs executed, {len(suite.runs) - len(executed)} already finished; "
           f"results in {args.out}/results.csv")
     return 0
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor-option", action="append", default=[], metavar="KEY=VALUE",
                      help="executor setting, e.g. address=auto, num_gpus=1, retries=2 (ray); cluster=local, "
                           "parameters.slurm_partition=gpu, parameters.gpus_per_node=1 (slurm)")
+    run.add_argument("--rerun", action="append", default=[], metavar="METHOD|all",
+                     help="execute a method's runs again although finished, recomputing its cached artifacts "
+                          "(a method label or name, or all; repeatable)")
     run.set_defaults(func=_cmd_run)
     board = sub.add_parser("leaderboard", help="aggregate a results folder over seeds")
     board.add_argument("dir", help="output folder of `bayeslora run`")
@@ -203,10 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """The console shows warnings (INFO with -v); each run's log.txt gets INFO either way (see runner)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "bayeslora_console", False)]:
+        root.removeHandler(old)
+    console = logging.StreamHandler()
+    console.bayeslora_console = True  # type: ignore[attr-defined]
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except BayesLoraError as exc:

@@ -46,6 +46,8 @@ class RunTask:
     suite_name: str
     out: str
     run_id: str
+    rerun: list[str] = field(default_factory=list)
+    """``--rerun`` values that apply to this run (it executes again although finished)."""
 
 
 def run_one(task: RunTask) -> str:
@@ -62,9 +64,8 @@ def run_one(task: RunTask) -> str:
         _RUNNERS.clear()  # one suite per worker at a time: free the previous backbone
         _RUNNERS[key] = Runner(parse_suite(task.suite_raw, default_name=task.suite_name), task.out, progress=False)
     runner = _RUNNERS[key]
-    spec = runner.spec(task.run_id)
-    if not runner.is_done(spec):
-        runner.execute(spec)
+    runner.rerun = set(task.rerun)
+    runner.claim_and_execute(runner.spec(task.run_id), block=True)  # under the run's lock, once
     return task.run_id
 
 

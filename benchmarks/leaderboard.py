@@ -38,12 +38,15 @@ def aggregate(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFram
         mean, std, n = g.mean(), g.std(ddof=1).fillna(0.0), g.count()
         tcrit = n.map(lambda k: stats.t.ppf(0.975, k - 1) if k > 1 else float("nan"))
         out[f"{m}_mean"], out[f"{m}_std"], out[f"{m}_ci95"] = mean, std, tcrit * std / n.pow(0.5)
+        if f"{m}_na" in df.columns:  # why a metric is not reported (e.g. a score at float noise)
+            out[f"{m}_na"] = grouped[f"{m}_na"].first()
     out = out.reset_index()
     sort_key = "nll_mean" if "nll_mean" in out.columns else GROUP[-1]
     return out.sort_values(["model", "dataset", "eval_set", sort_key], kind="stable").reset_index(drop=True)
 
 
 MISSING = "–"
+NOT_APPLICABLE = "n/a"
 HEADERS = {"n_seeds": "seeds", "acc": "acc ↑", "ece": "ECE ↓", "nll": "NLL ↓", "brier": "Brier ↓", "mi": "MI",
            "aurc": "AURC ↓", "acc_at_80_coverage": "acc@80% ↑", "ood_auroc_mi": "OOD AUROC (MI) ↑",
            "ood_auroc_entropy": "OOD AUROC (H) ↑", "trainable_params": "trainable params",
@@ -69,9 +72,21 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     cols = [m for m in SHOWN + COSTS if f"{m}_mean" in agg.columns]
     table = agg[GROUP + ["n_seeds"]].copy()
     for m in cols:
-        table[m] = [format_cell(a, b, m, n)
-                    for a, b, n in zip(agg[f"{m}_mean"], agg[f"{m}_std"], agg["n_seeds"], strict=True)]
+        notes = agg[f"{m}_na"] if f"{m}_na" in agg.columns else pd.Series(None, agg.index, dtype=object)
+        table[m] = [NOT_APPLICABLE if pd.isna(a) and isinstance(note, str) else format_cell(a, b, m, n)
+                    for a, b, n, note in zip(agg[f"{m}_mean"], agg[f"{m}_std"], agg["n_seeds"], notes, strict=True)]
     return table
+
+
+def not_applicable_notes(agg: pd.DataFrame) -> list[str]:
+    """One line per (method, metric) shown as n/a, with the reason."""
+    lines = []
+    for m in SHOWN:
+        if f"{m}_na" in agg.columns:
+            for row in agg[agg[f"{m}_mean"].isna() & agg[f"{m}_na"].notna()].itertuples(index=False):
+                lines.append(f"{HEADERS.get(m, m)} of {row.method} on {row.eval_set}: {NOT_APPLICABLE}, "
+                             f"{getattr(row, f'{m}_na')}")
+    return list(dict.fromkeys(lines))
 
 
 def best_marks(agg: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
@@ -147,6 +162,9 @@ def build_leaderboard(out_dir: str | Path) -> tuple[pd.DataFrame, str]:
     for keys, protocol, table, marks in leaderboard_groups(df, agg):
         parts.append(f"\n## {group_title(keys)}\n\nProtocol: {protocol}.\n\n")
         parts.append(to_markdown(table, marks))
+    notes = not_applicable_notes(agg)
+    if notes:
+        parts.append("\n## Not applicable (n/a)\n\n" + "".join(f"- {n}\n" for n in notes))
     profile = phase_table(df)
     if not profile.empty:
         parts.append("\n## Where the time went (seconds per phase, summed over runs)\n")

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from bayeslora.metrics import log_predictive
+from bayeslora.metrics import NOISE_FLOOR, log_predictive
 
 from .analysis import RunPredictive, by_run, run_key
 
@@ -31,8 +31,16 @@ COMPARED = ["acc", "nll", "ece", "brier"]
 ALPHA = 0.05
 
 
+NOISE_NOTE = "differences at float noise"
+
+
+def at_noise(differences: np.ndarray) -> bool:
+    """Every difference is below the float-noise floor: a test of them would rank rounding errors."""
+    return bool(np.all(np.abs(differences) < NOISE_FLOOR))
+
+
 def _seed_test(deltas: np.ndarray) -> float:
-    if len(deltas) < 2 or np.allclose(deltas, deltas[0]):
+    if len(deltas) < 2 or np.allclose(deltas, deltas[0]) or at_noise(deltas):
         return float("nan")
     return float(stats.ttest_1samp(deltas, 0.0).pvalue)
 
@@ -53,7 +61,7 @@ def _example_test(pairs: list[tuple[RunPredictive, RunPredictive]]) -> tuple[flo
             if example in ref_index:
                 diffs.setdefault(example, []).append(float(a[i] - b[ref_index[example]]))
     d = np.array([np.mean(v) for v in diffs.values()])
-    if len(d) < 2 or np.all(d == 0):
+    if len(d) < 2 or at_noise(d):
         return float("nan"), len(d)
     return float(stats.wilcoxon(d).pvalue), len(d)
 
@@ -80,10 +88,14 @@ def pairwise_table(results: pd.DataFrame, predictives: list[RunPredictive] | Non
                 row[f"delta_{m}_mean"] = float(deltas.mean())
                 row[f"delta_{m}_std"] = float(deltas.std(ddof=1)) if len(deltas) > 1 else 0.0
                 row[f"p_seeds_{m}"] = _seed_test(deltas)
+                if len(deltas) > 1 and at_noise(deltas):
+                    row[f"p_seeds_{m}_na"] = NOISE_NOTE
             pairs = [(index[run_key(*keys, method, s)], index[run_key(*keys, reference, s)]) for s in seeds
                      if run_key(*keys, method, s) in index and run_key(*keys, reference, s) in index]
             if pairs:
                 row["p_examples_nll"], row["n_examples"] = _example_test(pairs)
+                if row["n_examples"] > 1 and pd.isna(row["p_examples_nll"]):
+                    row["p_examples_nll_na"] = NOISE_NOTE
             rows.append(row)
     return pd.DataFrame(rows)
 

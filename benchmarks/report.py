@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from bayeslora import ConfigError
 from bayeslora.metrics import ece_from_bins
-from bayeslora.paths import barrier_table
+from bayeslora.paths import PATH_COLUMNS, barrier_table
 
 from . import figures
 from .analysis import (
@@ -32,11 +31,19 @@ from .analysis import (
     run_key,
     uncertainty_scores,
 )
-from .leaderboard import COSTS, HEADERS, aggregate, format_seconds, group_title, leaderboard_groups, phase_table
+from .leaderboard import (
+    COSTS,
+    HEADERS,
+    aggregate,
+    format_seconds,
+    group_title,
+    leaderboard_groups,
+    not_applicable_notes,
+    phase_table,
+)
 from .pairwise import ALPHA, COMPARED, pairwise_table, significance_marks
 from .report_render import Code, Figure, Note, Section, Table, Text, render_html, render_markdown, slugify
-from .store import results_table, suite_run_ids
-from .suite import parse_suite
+from .store import read_manifest, results_table, run_file_intact, suite_run_ids
 
 log = logging.getLogger("bayeslora.report")
 GROUP_KEYS = ["model", "dataset", "eval_set"]
@@ -62,7 +69,8 @@ class ReportBuilder:
         self.index = by_run(self.predictives)
         self.methods = list(dict.fromkeys(self.results.method))
         self.colors = figures.method_colors(self.methods)
-        self.notes: list[str] = [f"Predictive file missing, left out of the figures: {m}" for m in missing_files]
+        self.notes: list[str] = [f"Predictive file missing or damaged, left out of the figures: {m}"
+                                 for m in missing_files]
 
     # -- helpers -------------------------------------------------------------------------------
     def map_labels(self) -> list[str]:
@@ -103,15 +111,8 @@ class ReportBuilder:
                 f"resume): " + "; ".join(named)]
 
     def _run_titles(self) -> dict[str, str]:
-        suite_file = self.out / "suite.yaml"
-        if not suite_file.exists():
-            return {}
-        try:
-            suite = parse_suite(yaml.safe_load(suite_file.read_text()))
-        except Exception as exc:  # the titles are a courtesy: a suite that no longer parses keeps the ids
-            log.warning("could not read %s for run titles: %s", suite_file, exc)
-            return {}
-        return {s.run_id: s.title for s in suite.runs}
+        manifest = read_manifest(self.out)
+        return manifest["titles"] if manifest is not None else {}
 
     def leaderboard_section(self) -> Section:
         agg = aggregate(self.results)
@@ -126,6 +127,7 @@ class ReportBuilder:
             costs = [table.columns[0]] + [c for c in table.columns if c in cost_headers]
             section.blocks += [Text(f"{group_title(keys)}. Protocol: {protocol}."),
                                Table(table[quality], marks[quality]), Table(table[costs], caption="Costs:")]
+        section.blocks += [Note(f"n/a: {n}") for n in not_applicable_notes(agg)]
         return section
 
     def pairwise_section(self, reference: str) -> Section:
@@ -148,9 +150,8 @@ class ReportBuilder:
                     shown[f"Δ{m}"] = [
                         f"{r[f'delta_{m}_mean']:+.4f}" + (f" ± {r[f'delta_{m}_std']:.4f}" if r.n_pairs > 1 else "")
                         + significance_marks(r, m) for _, r in rows.iterrows()]
-            shown["p (seeds, NLL)"] = [_p(v) for v in rows.get("p_seeds_nll", pd.Series(float("nan"), rows.index))]
-            shown["p (examples, NLL)"] = [_p(v) for v in rows.get("p_examples_nll",
-                                                                  pd.Series(float("nan"), rows.index))]
+            shown["p (seeds, NLL)"] = p_values(rows, "p_seeds_nll")
+            shown["p (examples, NLL)"] = p_values(rows, "p_examples_nll")
             section.blocks += [Text(group_title(keys) + "."), Table(shown.reset_index(drop=True))]
         return section
 
@@ -247,10 +248,17 @@ class ReportBuilder:
         found = False
         runs = self.results.drop_duplicates("run_id")
         for row in runs.itertuples(index=False):
-            path_file = self.out / "runs" / row.run_id / "path.csv"
+            run_dir = self.out / "runs" / row.run_id
+            path_file = run_dir / "path.csv"
             if not path_file.exists():
                 continue
-            table = pd.read_csv(path_file)
+            try:
+                table = pd.read_csv(path_file)
+                if not run_file_intact(run_dir, "path.csv") or not set(PATH_COLUMNS) <= set(table.columns):
+                    raise ValueError("it does not match its checksum or columns")
+            except (ValueError, pd.errors.ParserError) as exc:
+                self.notes.append(f"path plot skipped: {path_file} is damaged ({exc})")
+                continue
             title = f"{row.method} · {row.dataset} · seed {row.seed}"
             fig = figures.path_figure(table, title)
             section.blocks += [Figure(slugify("path", row.method, row.dataset, row.seed), figures.png_bytes(fig),
@@ -295,8 +303,12 @@ class ReportBuilder:
         return f"bayeslora report: {suite}", [overview, *body]
 
 
-def _p(value: float) -> str:
-    return "–" if pd.isna(value) else f"{value:.3g}"
+def p_values(rows: pd.DataFrame, column: str) -> list[str]:
+    """p-values as text: "n/a (<reason>)" where the differences are at float noise, "–" where no test ran."""
+    values = rows.get(column, pd.Series(float("nan"), rows.index))
+    notes = rows.get(f"{column}_na", pd.Series(None, rows.index, dtype=object))
+    return [f"n/a ({note})" if isinstance(note, str) else "–" if pd.isna(v) else f"{v:.3g}"
+            for v, note in zip(values, notes, strict=True)]
 
 
 def build_report(out_dir: str | Path, html_path: str | Path | None = None,

@@ -8,18 +8,24 @@ Output layout (every run written atomically: a temporary folder renamed into pla
     OUT/runs/<run-id>/metrics.json         one row per evaluation set
     OUT/runs/<run-id>/posterior.pt         the fitted posterior's state (methods with ``saves_state``)
     OUT/runs/<run-id>/path.csv             loss/acc along weight-space paths (suite ``path:``, see bayeslora.paths)
-    OUT/runs/<run-id>/log.txt              the run's log
+    OUT/runs/<run-id>/log.txt              the run's log (INFO level, whatever the console shows)
+    OUT/runs/.locks/<run-id>.lock          held (flock) by the process executing the run
     OUT/cache/                             shared artifacts (MAP adapters, trunk hidden states, ...)
     OUT/results.csv, OUT/results.parquet   every finished run's rows (runs of this suite only)
-    OUT/manifest.json                      the suite's run ids (older runs' folders stay, out of results)
+    OUT/manifest.json                      the suite's run ids and titles (older runs' folders stay, out of results)
+    OUT/suite.yaml                         the suite as run (a differing file the tool did not write is never replaced)
 
-A run whose folder holds metrics.json is skipped, so an interrupted suite resumes where it stopped.
-Each run's rows carry its per-phase profile (``time_<phase>`` columns, exclusive seconds).
+A run whose folder holds an intact metrics.json (its recorded files present at their recorded sizes)
+is skipped, so an interrupted suite resumes where it stopped; a damaged one is redone. Several
+processes may execute one suite into one folder at once: each run is claimed with an exclusive lock,
+executed by one process only, and the others wait for the runs they could not claim. Each run's rows
+carry its per-phase profile (``time_<phase>`` columns, exclusive seconds) and the code it came from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import logging
@@ -27,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +45,15 @@ from bayeslora import ConfigError, Posterior, Predictive, distributed, get_metho
 from bayeslora.artifacts import ArtifactStore, content_hash
 from bayeslora.backbone import Backbone, load_backbone
 from bayeslora.config import DataSettings, ModelSettings, to_plain
-from bayeslora.data import EncodedSplit, get_task, load_task_splits, make_loader
+from bayeslora.data import EncodedSplit, TaskSplits, get_task, load_task_splits, make_loader
+from bayeslora.files import TEMP_MARK, atomic_write_text, remove_orphans, temp_prefix
+from bayeslora.identity import code_version
 from bayeslora.metrics import classification_metrics, ood_metrics
 from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
 from bayeslora.profiling import PHASES, PhaseProfile, peak_memory_window, phase, recording
 from bayeslora.trunk import TrunkCache
 
-from .store import stale_runs, write_manifest, write_results
+from .store import METRICS, describe_files, read_run, stale_runs, write_manifest, write_results
 from .suite import RunSpec, Suite, has_paths
 
 log = logging.getLogger("bayeslora.runner")
@@ -68,15 +77,24 @@ class TaskData:
 
 
 class DataCache:
-    """Tokenised splits per (tokenizer, dataset, data settings, max_length), built once per process."""
+    """Examples per (dataset, data settings) and tokenised splits per (tokenizer, dataset, data settings,
+    max_length), each built once per process."""
 
     def __init__(self) -> None:
         self._cache: dict[str, TaskData] = {}
+        self._splits: dict[str, TaskSplits] = {}
+
+    def splits(self, dataset: str, data: DataSettings) -> TaskSplits:
+        """The examples (read and checked, not tokenised): bad data files fail here, before a model loads."""
+        key = content_hash([dataset, to_plain(data)])
+        if key not in self._splits:
+            self._splits[key] = load_task_splits(get_task(dataset), data)
+        return self._splits[key]
 
     def get(self, backbone: Backbone, dataset: str, data: DataSettings) -> TaskData:
         key = content_hash([backbone.model_id, dataset, to_plain(data), backbone.settings.max_length])
         if key not in self._cache:
-            splits = load_task_splits(get_task(dataset), data)
+            splits = self.splits(dataset, data)
             enc = lambda ex, part: EncodedSplit(ex, backbone.tokenizer, backbone.settings.max_length,
                                                 f"{dataset}/{part}")
             self._cache[key] = TaskData(enc(splits.train, "train"), enc(splits.val, "val"), enc(splits.test, "test"),
@@ -97,24 +115,132 @@ def run_path_analysis(posterior: Posterior, backbone: Backbone, task: TaskData, 
     return evaluate_paths(backbone, posterior.paths(), {s: getattr(task, s) for s in settings.splits}, settings)
 
 
-class Runner:
-    """Runs a suite's runs in order on the local machine, skipping finished ones."""
+SUITE_FILE = "suite.yaml"
+SUITE_HEADER = "# The suite as `bayeslora run` last ran it into this folder (rewritten by each run).\n"
+LOCKS = ".locks"
 
-    def __init__(self, suite: Suite, out_dir: str | Path, progress: bool = True):
+
+def prepare_out_dir(out: Path) -> None:
+    """Create OUT (a file there is a user error) and its runs folder."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the results (it is created if missing)")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+
+
+def record_suite(out: Path, raw: dict[str, Any]) -> None:
+    """Write the suite as run to OUT/suite.yaml. A file there that the tool did not write is kept when it
+    holds the same suite (comments and all), and refused when it differs: it is never overwritten."""
+    path = out / SUITE_FILE
+    text = SUITE_HEADER + yaml.safe_dump(raw, sort_keys=False)
+    if path.exists():
+        current = path.read_text(errors="replace")
+        if current == text:
+            return
+        if not current.startswith(SUITE_HEADER):
+            try:
+                same = yaml.safe_load(current) == raw
+            except yaml.YAMLError:
+                same = False
+            if same:
+                return
+            raise ConfigError(f"{path} is a file bayeslora did not write, and it differs from the suite being run; "
+                              f"the runner records the suite it runs there. Move your file out of {out}, or pass "
+                              f"another --out")
+    atomic_write_text(path, text)
+
+
+class RunLock:
+    """An exclusive lock on one run (``flock`` on OUT/runs/.locks/<run-id>.lock): the operating system
+    releases it when its holder exits or dies, so a killed process never blocks a run."""
+
+    def __init__(self, out: Path, run_id: str):
+        self.path = out / "runs" / LOCKS / f"{run_id}.lock"
+        self._fd: int | None = None
+
+    def acquire(self, block: bool) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """The run's INFO log in ``path`` whatever the console shows: bayeslora's loggers pass INFO records
+    for the duration (handlers of the console keep their own levels)."""
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    lowered = [lg for lg in map(logging.getLogger, ("bayeslora", "baselines", "benchmarks"))
+               if lg.getEffectiveLevel() > logging.INFO]
+    for lg in lowered:
+        lg.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for lg in lowered:
+            lg.setLevel(logging.NOTSET)
+
+
+def method_code_label(spec: RunSpec) -> str:
+    """``<distribution> <version> <source digest>`` of the run's method, for its results rows."""
+    code = spec.inputs.get("code", {}).get("method", {})
+    return " ".join(str(code.get(k, "")) for k in ("distribution", "version", "source")).strip()
+
+
+class Runner:
+    """Runs a suite's runs in order on the local machine, skipping finished ones.
+
+    ``rerun``: method labels or names (or "all") whose runs execute again although finished, with the
+    shared artifact cache bypassed for them (MAP adapters and features are recomputed and rewritten)."""
+
+    def __init__(self, suite: Suite, out_dir: str | Path, progress: bool = True, rerun: list[str] | None = None):
         self.suite = suite
         self.out = Path(out_dir)
         self.progress = progress
+        self.rerun = set(rerun or [])
+        known = {s.method.label for s in suite.runs} | {s.method.name for s in suite.runs} | {"all"}
+        unknown = sorted(self.rerun - known)
+        if unknown:
+            raise ConfigError(f"--rerun {', '.join(unknown)}: not a method of suite {suite.name!r}; give a method "
+                              f"label or name ({', '.join(sorted(known - {'all'}))}) or all")
         self.artifacts = ArtifactStore(self.out / "cache")
         self.data = DataCache()
         self._backbone: Backbone | None = None
         self._backbone_key: str | None = None
         self._trunk_files_loaded: set[Path] = set()
+        self._forced_done: set[str] = set()
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / spec.run_id
 
+    def forced(self, spec: RunSpec) -> bool:
+        """Whether ``--rerun`` asks for this run (once per Runner: a rerun run is then finished)."""
+        return bool(self.rerun & {"all", spec.method.label, spec.method.name}) and spec.run_id not in self._forced_done
+
     def is_done(self, spec: RunSpec) -> bool:
-        return (self.run_dir(spec) / "metrics.json").exists()
+        """Finished and intact (see :func:`benchmarks.store.read_run`), and not asked to rerun."""
+        if self.forced(spec):
+            return False
+        record, why = read_run(self.run_dir(spec))
+        if record is None and (self.run_dir(spec) / METRICS).exists():
+            log.warning("run folder %s is damaged (%s); it runs again", self.run_dir(spec), why)
+        return record is not None
 
     def backbone(self, settings: ModelSettings) -> Backbone:
         key = content_hash({k: v for k, v in to_plain(settings).items() if k != "trunk_cache"})
@@ -131,71 +257,118 @@ class Runner:
                 return spec
         raise ConfigError(f"run {run_id} is not in suite {self.suite.name!r} (its settings may have changed)")
 
+    def check_data(self, specs: list[RunSpec]) -> None:
+        """Read every dataset and OOD set the runs need (errors name the file and row) before a model loads."""
+        for spec in specs:
+            for name in [spec.dataset.name, *spec.dataset.ood]:
+                self.data.splits(name, spec.data)
+
+    def prepare(self) -> None:
+        """OUT's layout, the suite record and manifest, and the removal of what killed processes left."""
+        prepare_out_dir(self.out)
+        record_suite(self.out, self.suite.raw)
+        write_manifest(self.out, self.suite.name, {s.run_id: s.title for s in self.suite.runs})
+        for folder in (self.out, self.out / "runs"):
+            remove_orphans(folder)
+        self.artifacts.remove_orphans()
+        stale = stale_runs(self.out)
+        if stale:
+            log.warning("%d finished run folders under %s/runs are not in this suite (its settings, data, weights "
+                        "or code changed); they stay on disk but are left out of results.csv", len(stale), self.out)
+
     def run(self, executor: Any = None) -> list[str]:
         """Run every unfinished run, here one after another or on ``executor`` (a
         :class:`~benchmarks.executors.RayExecutor` or ``SlurmExecutor``); returns the ids executed now."""
         main = distributed.is_main_process()  # under data parallelism only the main process writes
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for stale in (self.out / "runs").glob(".tmp-*"):  # left by a killed run; never final
-                shutil.rmtree(stale, ignore_errors=True)
-            (self.out / "suite.yaml").write_text(yaml.safe_dump(self.suite.raw, sort_keys=False))
-            write_manifest(self.out, self.suite.name, [s.run_id for s in self.suite.runs])
-            stale = stale_runs(self.out)
-            if stale:
-                log.warning("%d finished run folders under %s/runs are not in this suite (its settings changed); "
-                            "they stay on disk but are left out of results.csv", len(stale), self.out)
+            self.prepare()
         distributed.barrier()
         todo = [s for s in self.suite.runs if not self.is_done(s)]
         log.info("%d runs in suite %s, %d already finished", len(self.suite.runs), self.suite.name,
                  len(self.suite.runs) - len(todo))
+        self.check_data(todo)
         if executor is not None:
             from .executors import RunTask, run_distributed
 
-            tasks = [RunTask(self.suite.raw, self.suite.name, str(self.out), s.run_id) for s in todo]
+            tasks = [RunTask(self.suite.raw, self.suite.name, str(self.out), s.run_id,
+                             sorted(self.rerun) if self.forced(s) else []) for s in todo]
             print(f"dispatching {len(tasks)} runs to {type(executor).__name__}", flush=True)
             try:
                 return run_distributed(executor, tasks, {s.run_id: s.title for s in todo})
             finally:
                 write_results(self.out)
-        executed = []
+        if distributed.world_size() > 1:  # every process computes every run together: no claiming
+            return self._run_together(todo)
+        executed, waiting = [], []
+        for i, spec in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
+            outcome = self.claim_and_execute(spec, block=False)
+            if outcome is None:
+                print("    another process is running it; coming back to it at the end", flush=True)
+                waiting.append(spec)
+            elif outcome:
+                executed.append(spec.run_id)
+                write_results(self.out)
+        for spec in waiting:
+            print(f"waiting for another process to finish {spec.title}", flush=True)
+            self._forced_done.add(spec.run_id)  # what the other process writes is fresh: no second rerun
+            if self.claim_and_execute(spec, block=True):  # its process died or failed: executed here
+                executed.append(spec.run_id)
+        write_results(self.out)
+        return executed
+
+    def _run_together(self, todo: list[RunSpec]) -> list[str]:
+        main = distributed.is_main_process()
         for i, spec in enumerate(todo, 1):
             if main:
                 print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
             self.execute(spec)
-            executed.append(spec.run_id)
             if main:
                 write_results(self.out)
             distributed.barrier()  # every process sees this run finished before the next begins
-        if main:
-            write_results(self.out)
-        return executed
+        return [s.run_id for s in todo]
+
+    def claim_and_execute(self, spec: RunSpec, block: bool) -> bool | None:
+        """Execute ``spec`` under its lock: True when executed here, False when it turned out finished (by
+        another process), None when another process holds it and ``block`` is off."""
+        lock = RunLock(self.out, spec.run_id)
+        if not lock.acquire(block):
+            return None
+        try:
+            if self.is_done(spec):
+                return False
+            for orphan in (self.out / "runs").glob(f"{TEMP_MARK}{spec.run_id}-*"):  # we hold the run: nobody
+                shutil.rmtree(orphan, ignore_errors=True)                           # else is writing it
+            self.execute(spec)
+            return True
+        finally:
+            lock.release()
 
     def execute(self, spec: RunSpec) -> None:
+        """Fit, predict and evaluate one run into a temporary folder renamed into place (no lock taken)."""
         if not distributed.is_main_process():  # a data-parallel helper: compute the run, write nothing
             with tempfile.TemporaryDirectory() as scratch:
                 self._fit_and_evaluate(spec, Path(scratch))
             return
         final = self.run_dir(spec)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{spec.run_id}-"))
-        handler = logging.FileHandler(tmp / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(spec.run_id)))
+        self.artifacts.refresh = self.forced(spec)
         try:
-            (tmp / "config.yaml").write_text(yaml.safe_dump({"run_id": spec.run_id, **spec.resolved()},
-                                                            sort_keys=False))
-            rows = self._fit_and_evaluate(spec, tmp)
-            (tmp / "metrics.json").write_text(json.dumps({"run_id": spec.run_id, "rows": rows}, indent=1))
-            handler.close()
-            root.removeHandler(handler)
-            if final.exists():  # a stale folder without metrics.json (e.g. from an older, killed version)
+            (tmp / "config.yaml").write_text(yaml.safe_dump({"run_id": spec.run_id, **spec.resolved(),
+                                                             "inputs": spec.inputs}, sort_keys=False))
+            with run_log(tmp / "log.txt"):
+                rows = self._fit_and_evaluate(spec, tmp)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            (tmp / METRICS).write_text(json.dumps({"run_id": spec.run_id, "rows": rows, "inputs": spec.inputs,
+                                                   "files": describe_files(tmp, files)}, indent=1))
+            if final.exists():  # a damaged or forced-rerun folder: replaced by the new one
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            if self.forced(spec):
+                self._forced_done.add(spec.run_id)
         finally:
-            root.removeHandler(handler)
-            handler.close()
+            self.artifacts.refresh = False
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -287,6 +460,7 @@ class Runner:
             "reused_cache": report.reused_cache,
             "template": get_task(eval_set).template, "protocol": protocol, "n_bins": spec.n_bins,
             "k_policy": f"per-question options, K={num_classes}", "suite": spec.suite, "run_id": spec.run_id,
+            "code_version": code_version(), "method_code": method_code_label(spec),
         })
         row.update({f"fit_{k}": v for k, v in report.extra.items() if isinstance(v, int | float | str)})
         return row

@@ -24,8 +24,10 @@ A suite YAML::
                                # labels and datasets (default: every method that defines paths(), e.g.
                                # lora_curve, on every dataset)
 
-Every run is keyed by a hash of its fully resolved configuration, so a finished run is found again
-and never recomputed, and any change to what determines it gives a new run.
+Every run is keyed by a hash of its fully resolved configuration and of its inputs (see
+:mod:`bayeslora.identity`: the model's weights, the data's content, the method's and the metrics'
+code), so a finished run is found again and never recomputed, and any change to what determines it
+gives a new run. Every setting is checked here, before any model loads.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import yaml
 
 from bayeslora import ConfigError, get_method
 from bayeslora.artifacts import content_hash
+from bayeslora.backbone import check_model_source
 from bayeslora.config import (
     RESULT_NEUTRAL_MODEL_FIELDS,
     DataSettings,
@@ -51,11 +54,15 @@ from bayeslora.config import (
     train_key,
 )
 from bayeslora.data import get_task
+from bayeslora.identity import data_identity, evaluation_code, method_code, model_identity
 from bayeslora.paths import PathSettings
 
 SUITE_KEYS = {"name", "description", "num_samples", "seeds", "model", "models", "lora", "train", "data",
               "datasets", "methods", "n_bins", "path"}
-RESULT_SCHEMA_VERSION = 1
+SECTION_TYPES = {"name": str, "description": str, "models": list, "lora": dict, "train": dict,
+                 "data": dict, "datasets": list, "methods": list, "path": dict}
+RESULT_SCHEMA_VERSION = 2
+"""2: run ids also hash the run's inputs (model weights, data content, code)."""
 
 
 @dataclass
@@ -94,6 +101,8 @@ class RunSpec:
     """The suite's LoRA settings with the method's overrides (decides the trunk-cache layer)."""
     path: PathSettings | None = None
     """Path analysis after predicting (the suite's ``path:``), for methods that define ``paths()``."""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """What the numbers depend on besides the settings: model, data and code identities."""
 
     def resolved(self) -> dict[str, Any]:
         return {
@@ -117,7 +126,7 @@ class RunSpec:
         cfg = resolved["method"]["config"] = train_key(resolved["method"]["config"])
         if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict):
             cfg["train"].pop("progress", None)
-        return content_hash(resolved)
+        return content_hash({**resolved, "inputs": self.inputs})
 
     @property
     def title(self) -> str:
@@ -145,10 +154,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``key.sub=value`` overrides; values are parsed as YAML (numbers, lists, booleans)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set data.max_test=32)")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or "not valid YAML")
+            raise ConfigError(f"--set {key.strip()}: the value {value!r} is not valid YAML ({problem}); "
+                              f"quote strings and close brackets, e.g. --set seeds=[0,1]") from None
+        _set_dotted(raw, key.strip(), parsed)
     return raw
 
 
@@ -173,8 +188,22 @@ def _method_entry(item: Any, i: int) -> MethodEntry:
 
 
 def _check_seeds(seeds: Any, where: str) -> None:
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{where} must be a list of integers (at least one), got {seeds!r}")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                           for s in seeds):
+        raise ConfigError(f"{where} must be a list of non-negative integers (at least one), got {seeds!r}")
+
+
+def _check_sections(raw: dict[str, Any]) -> None:
+    """Each top-level section has the type a suite needs (e.g. ``--set train=5`` is refused here)."""
+    for key, kind in SECTION_TYPES.items():
+        value = raw.get(key)
+        if value is not None and not isinstance(value, kind):
+            wanted = {dict: "a mapping", list: "a list", str: "a string"}
+            names = " or ".join(wanted[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ConfigError(f"suite section {key!r} must be {names}, got {type(value).__name__}: {value!r:.80}")
+    n_bins = raw.get("n_bins", 15)
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ConfigError(f"n_bins (ECE bins) must be a positive integer, got {n_bins!r}")
 
 
 def _dataset_entry(item: Any, i: int) -> DatasetEntry:
@@ -247,6 +276,7 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     unknown = set(raw) - SUITE_KEYS
     if unknown:
         raise ConfigError(f"unknown top-level suite key(s) {sorted(unknown)}; valid keys: {sorted(SUITE_KEYS)}")
+    _check_sections(raw)
     for required in ("datasets", "methods"):
         if not raw.get(required):
             raise ConfigError(f"suite has no {required!r}: list at least one")
@@ -260,7 +290,7 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
     seeds = raw.get("seeds", [0])
     _check_seeds(seeds, "seeds")
     num_samples = raw.get("num_samples", 10)
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
     methods = [_method_entry(m, i) for i, m in enumerate(raw["methods"])]
     labels = [m.label for m in methods]
@@ -278,6 +308,8 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
             for d in datasets}
     loras = {m.label: _run_lora(configs[m.label], raw) for m in methods}
     paths = _path_settings(raw.get("path"), methods, datasets)
+    for model in models:
+        check_model_source(model)
     all_seeds = list(dict.fromkeys(seeds + [s for m in methods for s in (m.seeds or [])]))
     runs = [
         RunSpec(name, model, method, configs[method.label], dataset, data[dataset.name], seed, num_samples,
@@ -286,15 +318,43 @@ def parse_suite(raw: dict[str, Any], default_name: str = "suite") -> Suite:
         for model in models for dataset in datasets for seed in all_seeds for method in methods
         if seed in (method.seeds or seeds) and dataset.name in (method.datasets or [dataset.name])
     ]
+    _attach_inputs(runs)
     return Suite(name, raw, runs)
+
+
+def _attach_inputs(runs: list[RunSpec]) -> None:
+    """Each run's inputs: its model's and data's identities and its method's and the metrics' code,
+    each computed once per distinct model, (dataset, data settings) and method."""
+    models: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    evaluation = evaluation_code()
+    for spec in runs:
+        model_key = content_hash(spec.model)
+        if model_key not in models:
+            models[model_key] = model_identity(spec.model)
+        sets = {}
+        for name in [spec.dataset.name, *spec.dataset.ood]:
+            data_key = content_hash([name, spec.data])
+            if data_key not in data:
+                data[data_key] = data_identity(get_task(name), spec.data)
+            sets[name] = data[data_key]
+        spec.inputs = {"model": models[model_key], "data": sets,
+                       "code": {"method": method_code(get_method(spec.method.name)), "evaluation": evaluation}}
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"suite file {path} does not exist (see configs/suites/ for examples)")
+    if not path.is_file():
+        raise ConfigError(f"suite path {path} is not a file; give a suite YAML such as configs/suites/smoke.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"suite file {path} is not valid YAML: {exc}") from exc
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"suite file {path} is not valid YAML{line}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"suite file {path} is not a text (YAML) file") from None
     return parse_suite(apply_overrides(raw or {}, overrides or []), default_name=path.stem)

@@ -263,10 +263,9 @@ def test_barrier_heights_by_hand():
     ({"perturbation_scale": "layer"}, "perturbation_scale"),
     ({"perturbation": -1.0}, "perturbation"),
 ])
-def test_bad_settings_are_clear_errors(changes, match, tiny_backbone, toy_splits):
-    post = LoraCurve(curve_config(**changes))
-    with pytest.raises(ConfigError, match=match):
-        post.fit(tiny_backbone, *toy_splits[:2])
+def test_bad_settings_are_clear_errors(changes, match):
+    with pytest.raises(ConfigError, match=match):  # when the config is built, before any fit
+        LoraCurve(curve_config(**changes))
 
 
 def test_path_settings_are_checked():

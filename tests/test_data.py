@@ -62,7 +62,7 @@ def test_local_files_in_hub_schema(tmp_path):
 
 def test_rows_in_wrong_schema_name_the_missing_field(tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "hello", "label": 1}) + "\n")
-    with pytest.raises(DataError, match="lack field 'sentence'"):
+    with pytest.raises(DataError, match="row 1 lacks field 'sentence'"):
         load_task_splits(get_task("sst2"), DataSettings(source="files", files={
             "train": str(tmp_path / "t.jsonl"), "test": str(tmp_path / "t.jsonl")}))
 

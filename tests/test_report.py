@@ -3,6 +3,7 @@ report itself (built from synthetic results folders, so no model is needed; one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -36,9 +37,15 @@ def _logits(n: int, s: int, k: int, seed: int, sharp: float = 2.0) -> tuple[torc
     return base + 0.3 * torch.randn(n, s, k, generator=g), labels
 
 
-def write_run(out: Path, run_id: str, method: str, seed: int, num_samples: int, dataset: str = "sst2",
+def rid(name: str) -> str:
+    """A run id (16 hex digits, as the runner names run folders) for a readable name."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def write_run(out: Path, name: str, method: str, seed: int, num_samples: int, dataset: str = "sst2",
               ood: tuple[str, ...] = (), n: int = 40, path_csv: bool = False, method_name: str | None = None) -> None:
-    """A finished run folder: predictive files and metrics.json rows computed from them."""
+    """A finished run folder (run id ``rid(name)``): predictive files and metrics.json rows computed from them."""
+    run_id = rid(name)
     run = out / "runs" / run_id
     run.mkdir(parents=True)
     ids = [f"{dataset}-{i}" for i in range(n)]
@@ -176,8 +183,8 @@ def test_pairwise_differences_and_tests_against_scipy(tmp_path):
     # the example-level test: per-example NLL differences averaged over the seeds, Wilcoxon
     per_seed = []
     for s in (0, 1, 2):
-        a = Predictive.load(out / "runs" / f"mcd{s}" / "predictive.pt")
-        b = Predictive.load(out / "runs" / f"map{s}" / "predictive.pt")
+        a = Predictive.load(out / "runs" / rid(f"mcd{s}") / "predictive.pt")
+        b = Predictive.load(out / "runs" / rid(f"map{s}") / "predictive.pt")
         nll = lambda p: -torch.log(torch.softmax(p.logits.double(), -1).mean(1)[torch.arange(40), p.labels])
         per_seed.append((nll(a) - nll(b)).numpy())
     assert row.p_examples_nll == pytest.approx(stats.wilcoxon(np.mean(per_seed, axis=0)).pvalue)
@@ -254,9 +261,9 @@ def test_every_map_entry_gets_its_own_paired_comparison(tmp_path):
 
 def test_report_names_what_is_missing_instead_of_failing(tmp_path, capsys):
     out = synthetic_folder(tmp_path, ood=(), with_map=False)
-    write_manifest(out, "synthetic", ["mcd0", "mcd1", "mcd2", "ens0", "lost-run"])
-    (out / "runs" / "ens0" / "path.csv").unlink()
-    (out / "runs" / "mcd2" / "predictive.pt").unlink()
+    write_manifest(out, "synthetic", {rid(n): n for n in ["mcd0", "mcd1", "mcd2", "ens0", "lost-run"]})
+    (out / "runs" / rid("ens0") / "path.csv").unlink()
+    (out / "runs" / rid("mcd2") / "predictive.pt").unlink()
     files = build_report(out)
     assert files.html == out / "report.html" and files.html.exists() and files.markdown.exists()
     notes = " | ".join(files.notes)
@@ -272,9 +279,9 @@ def test_report_names_what_is_missing_instead_of_failing(tmp_path, capsys):
 
 def test_stale_runs_are_left_out_of_the_results(tmp_path):
     out = synthetic_folder(tmp_path, ood=())
-    write_manifest(out, "synthetic", ["map0", "map1", "map2"])
-    assert set(_table(out).run_id) == {"map0", "map1", "map2"}
-    assert (out / "runs" / "ens0" / "metrics.json").exists()  # kept on disk
+    write_manifest(out, "synthetic", {rid(n): n for n in ["map0", "map1", "map2"]})
+    assert set(_table(out).run_id) == {rid("map0"), rid("map1"), rid("map2")}
+    assert (out / "runs" / rid("ens0") / "metrics.json").exists()  # kept on disk
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),

@@ -50,7 +50,10 @@ def test_runner_writes_layout_results_and_resumes(tmp_path):
     df = pd.read_csv(tmp_path / "results.csv")
     assert set(REQUIRED_COLUMNS) <= set(df.columns) and (tmp_path / "results.parquet").exists()
     assert len(df) == 4 * 2 and set(df.eval_set) == {"sst2", "boolq"}
-    assert df[df.eval_set == "boolq"].ood_auroc_mi.notna().all()
+    ood = df[df.eval_set == "boolq"]
+    assert ood.ood_auroc_entropy.notna().all()
+    # zero_shot and map predict with S = 1: MI is 0 everywhere, so its AUROC is n/a with the reason
+    assert ood.ood_auroc_mi.isna().all() and ood.ood_auroc_mi_na.str.contains("float noise").all()
     run_dir = tmp_path / "runs" / df.run_id.iloc[0]
     pred = torch.load(run_dir / "predictive.pt")
     assert pred["logits"].dtype == torch.float32 and pred["logits"].ndim == 3 and pred["labels"].dtype == torch.int64

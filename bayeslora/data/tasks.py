@@ -54,6 +54,32 @@ def _mc_example(ex_id: str, question: str, texts: list[str], label: int) -> Exam
     return Example(ex_id, INSTRUCTION, "", tail, tuple(f" {LETTERS[i]}" for i in range(len(texts))), label)
 
 
+def integer_label(value: Any, field_name: str, ex_id: str) -> int:
+    """``value`` as a class index: an integer, an integral float or a string of digits; anything else
+    (1.7, "yes", true) is a DataError naming the field."""
+    if isinstance(value, bool):
+        raise DataError(f"example {ex_id}: {field_name} must be an integer class index, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise DataError(f"example {ex_id}: {field_name} must be an integer class index, got {value!r}")
+
+
+def boolean_answer(value: Any, ex_id: str) -> int:
+    """BoolQ's answer as a class: true/false (bool, 0/1, or the strings) -> 1/0."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return int(value.strip().lower() == "true")
+    label = integer_label(value, "answer", ex_id)
+    if label not in (0, 1):
+        raise DataError(f"example {ex_id}: answer must be true or false (or 1/0), got {value!r}")
+    return label
+
+
 def _answer_index(key: str, labels: list[str], ex_id: str) -> int:
     if key not in labels:
         raise DataError(f"example {ex_id}: answer key {key!r} is not among the choice labels {labels}")
@@ -77,14 +103,15 @@ def obqa_row(row: dict[str, Any], idx: int) -> Example:
 def mmlu_row(row: dict[str, Any], idx: int) -> Example:
     """cais/mmlu schema: question, subject, choices (list), answer (int)."""
     ex_id = f"{row.get('subject', 'mmlu')}-{idx}"
-    return _mc_example(ex_id, row["question"], list(row["choices"]), int(row["answer"]))
+    return _mc_example(ex_id, row["question"], list(row["choices"]), integer_label(row["answer"], "answer", ex_id))
 
 
 def winogrande_row(row: dict[str, Any], idx: int) -> Example:
     """winogrande schema: sentence (with '_'), option1, option2, answer ('1'/'2')."""
     ex_id = str(row.get("id", f"wg-{idx}"))
     question = f"Which option correctly fills the blank (_)? {row['sentence']}"
-    return _mc_example(ex_id, question, [row["option1"], row["option2"]], int(row["answer"]) - 1)
+    return _mc_example(ex_id, question, [row["option1"], row["option2"]],
+                       integer_label(row["answer"], "answer", ex_id) - 1)
 
 
 def boolq_row(row: dict[str, Any], idx: int) -> Example:
@@ -92,7 +119,8 @@ def boolq_row(row: dict[str, Any], idx: int) -> Example:
     ex_id = str(row.get("id", f"boolq-{idx}"))
     question = row["question"].strip().rstrip("?") + "?"
     return Example(ex_id, INSTRUCTION + "Passage: ", row["passage"].strip(),
-                   f"\nQuestion: {question}\nAnswer (true or false):", (" false", " true"), int(bool(row["answer"])))
+                   f"\nQuestion: {question}\nAnswer (true or false):", (" false", " true"),
+                   boolean_answer(row["answer"], ex_id))
 
 
 def sst2_row(row: dict[str, Any], idx: int) -> Example:
@@ -103,7 +131,7 @@ def sst2_row(row: dict[str, Any], idx: int) -> Example:
     """
     ex_id = f"sst2-{row.get('idx', idx)}"
     return Example(ex_id, "Review: ", row["sentence"].strip(), "\nSentiment:", (" negative", " positive"),
-                   int(row["label"]))
+                   integer_label(row["label"], "label", ex_id))
 
 
 def sst2_as_boolq_row(row: dict[str, Any], idx: int) -> Example:
@@ -113,7 +141,7 @@ def sst2_as_boolq_row(row: dict[str, Any], idx: int) -> Example:
     ex_id = f"sst2-as-boolq-{row.get('idx', idx)}"
     return Example(ex_id, INSTRUCTION + "Passage: ", row["sentence"].strip(),
                    "\nQuestion: is this movie review positive?\nAnswer (true or false):", (" false", " true"),
-                   int(row["label"]))
+                   integer_label(row["label"], "label", ex_id))
 
 
 @dataclass(frozen=True)
