@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LoraSettings, ModelSettings
-from .errors import ConfigError
+from .errors import AssetError, ConfigError
 from .predictive import MASKED_LOGIT
 from .profiling import phase
 from .trunk import TrunkCache, position_ids_from_mask, supports_trunk_cache, trunk_fingerprint
@@ -96,7 +96,7 @@ def _check_name(name: str, where: str, need_weights: bool) -> None:
                               f"model's weight files into it")
         return
     if _looks_like_path(name):
-        raise ConfigError(f"{where}: the local model folder {local} does not exist")
+        raise ConfigError(f"{where}: the local model folder {name} does not exist")
     if not HUB_ID.match(name):
         aliases = ", ".join([BUNDLED_MODEL, *HUB_ALIASES])
         raise ConfigError(f"{where} {name!r} is not a known alias ({aliases}), a local folder or a hub id "
@@ -492,7 +492,7 @@ def _random_init_model(spec: dict[str, Any], device: torch.device, dtype: torch.
 
 def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Backbone:
     """Load a causal LM (bundled alias, hub id or local dir, or ``random_init``) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .config import build_dataclass
     from .identity import model_identity
@@ -512,7 +512,7 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
         if settings.load_in_bits is not None:
             kwargs["quantization_config"] = _quantization_config(settings.load_in_bits)
             kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else None
-        model = AutoModelForCausalLM.from_pretrained(tok_path, **kwargs)
+        model = _load_pretrained(tok_path, kwargs)
     if settings.load_in_bits is None:
         model = model.to(device)
     if settings.gradient_checkpointing:
@@ -530,6 +530,22 @@ def load_backbone(settings: ModelSettings | dict[str, Any] | None = None) -> Bac
     backbone = Backbone(model, tokenizer, settings)
     backbone.source_identity = model_identity(settings)
     return backbone
+
+
+def _load_pretrained(path: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``; a local folder whose files do not load (a truncated or
+    damaged weight file) raises AssetError naming the folder instead of a library traceback."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers raise many kinds
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AssetError(f"the model folder {path} does not load ({type(exc).__name__}: {reason}); its weight "
+                         f"files may be truncated or damaged: copy them again (for the bundled model, run "
+                         f"`bayeslora assets`)") from exc
 
 
 def drop_input_require_grads_hook(model: nn.Module) -> None:

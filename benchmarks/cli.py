@@ -96,6 +96,7 @@ def _cmd_path(args: argparse.Namespace) -> int:
 
     from .reload import reload_run
     from .runner import run_path_analysis
+    from .store import record_file
     from .tables import to_markdown
 
     values = {"points": args.points, "splits": args.splits, "max_examples": args.max_examples,
@@ -106,6 +107,7 @@ def _cmd_path(args: argparse.Namespace) -> int:
     table = run_path_analysis(run.posterior, run.backbone, run.task, settings)
     out = Path(args.run_dir) / "path.csv"
     table.to_csv(out, index=False)
+    record_file(Path(args.run_dir), out.name)
     print(to_markdown(barrier_table(table).round(4)))
     print(f"written: {out}")
     return 0
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> logging.Handler:
     """The console shows warnings (INFO with -v); each run's log.txt gets INFO either way (see runner)."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "bayeslora_console", False)]:
@@ -217,11 +219,12 @@ def configure_logging(verbose: bool) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(console)
     root.setLevel(logging.INFO)
+    return console
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
+    console = configure_logging(args.verbose)
     try:
         return args.func(args)
     except BayesLoraError as exc:
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger().removeHandler(console)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ HIGHER_IS_BETTER = {"acc", "acc_at_80_coverage", "ood_auroc_mi", "ood_auroc_entr
 
 def aggregate(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """One row per (model, dataset, eval_set, method): <m>_mean, <m>_std, <m>_ci95 and n_seeds."""
-    metrics = [m for m in (metrics or SHOWN + COSTS) if m in df.columns and df[m].notna().any()]
+    metrics = [m for m in (metrics or SHOWN + COSTS) if m in df.columns
+               and (df[m].notna().any() or (f"{m}_na" in df.columns and df[f"{m}_na"].notna().any()))]
     grouped = df.groupby(GROUP, sort=False)
     out = grouped.size().rename("n_seeds").to_frame()
     for m in metrics:

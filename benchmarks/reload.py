@@ -6,14 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from bayeslora import ConfigError, Posterior, get_method
 from bayeslora.backbone import Backbone, load_backbone
 from bayeslora.config import DataSettings, LoraSettings, ModelSettings, build_dataclass
+from bayeslora.files import DamagedFileError, safe_torch_load
 
 from .runner import DataCache, TaskData, trunk_cache_file
+from .store import run_file_intact
 
 
 @dataclass
@@ -25,11 +26,18 @@ class ReloadedRun:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """A finished run's resolved configuration; a clear error for anything else."""
+    """A finished run's resolved configuration; a clear error for anything else, including a config.yaml
+    or posterior.pt that no longer matches the checksum its metrics.json recorded."""
     if not (run_dir / "config.yaml").exists() or not (run_dir / "metrics.json").exists():
         raise ConfigError(f"{run_dir} is not a finished run folder (expected config.yaml and metrics.json, "
                           f"as written by `bayeslora run` under OUT/runs/<run-id>/)")
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    for name in ("config.yaml", "posterior.pt"):
+        if (run_dir / name).exists() and not run_file_intact(run_dir, name):
+            raise DamagedFileError(f"{run_dir / name} does not match the checksum in its metrics.json")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if not isinstance(config, dict) or config.get("run_id") != run_dir.name:
+        raise DamagedFileError(f"{run_dir / 'config.yaml'} is not this run's configuration")
+    return config
 
 
 def reload_run(run_dir: str | Path) -> ReloadedRun:
@@ -53,5 +61,5 @@ def reload_run(run_dir: str | Path) -> ReloadedRun:
     task = DataCache().get(backbone, config["dataset"]["name"], data)
     posterior = cls(method_config, seed=config["seed"])
     posterior.attach(backbone)
-    posterior.load_state_dict(torch.load(state_file, map_location=backbone.device, weights_only=True))
+    posterior.load_state_dict(safe_torch_load(state_file, map_location=backbone.device))
     return ReloadedRun(config, backbone, task, posterior)

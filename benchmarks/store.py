@@ -83,13 +83,29 @@ def read_run(run_dir: Path) -> tuple[RunRecord | None, str]:
     return RunRecord(run_dir.name, rows, files), ""
 
 
+def recorded_files(run_dir: Path) -> dict[str, Any] | None:
+    """The {name: {bytes, sha256}} its metrics.json records for a run's files; None when it does not parse."""
+    try:
+        files = json.loads((run_dir / METRICS).read_text()).get("files", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
 def run_file_intact(run_dir: Path, name: str) -> bool:
     """Whether a run's file still has the sha256 its metrics.json recorded (True for files it does not list)."""
-    record, _ = read_run(run_dir)
-    if record is None:
+    files = recorded_files(run_dir)
+    if files is None:
         return False
-    info = record.files.get(name)
-    return info is None or sha256_of(run_dir / name) == info.get("sha256")
+    info = files.get(name)
+    return not isinstance(info, dict) or sha256_of(run_dir / name) == info.get("sha256")
+
+
+def record_file(run_dir: Path, name: str) -> None:
+    """Record a file added to (or rewritten in) a finished run, e.g. by ``bayeslora path``, in its metrics.json."""
+    data = json.loads((run_dir / METRICS).read_text())
+    data.setdefault("files", {}).update(describe_files(run_dir, [name]))
+    atomic_write_text(run_dir / METRICS, json.dumps(data, indent=1))
 
 
 def write_manifest(out_dir: str | Path, suite: str, titles: dict[str, str]) -> None:

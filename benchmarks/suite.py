@@ -225,8 +225,10 @@ def _method_config(entry: MethodEntry, raw: dict[str, Any]) -> Any:
     for section, settings_cls in (("lora", LoraSettings), ("train", TrainSettings)):
         merged = {**(raw.get(section) or {}), **getattr(entry, section)}
         if section in names:
-            values[section] = build_dataclass(settings_cls, {**merged, **values.get(section, {})},
-                                              f"{section} (method {entry.label})")
+            try:
+                values[section] = build_dataclass(settings_cls, {**merged, **values.get(section, {})}, section)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (in the settings of method {entry.label!r})") from None
         elif getattr(entry, section):
             raise ConfigError(f"method {entry.label!r} has no {section} settings; remove methods[].{section}")
     return cls.make_config(values)

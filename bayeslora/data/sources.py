@@ -101,6 +101,8 @@ def _read_local(path: str) -> list[dict[str, Any]]:
         raise DataError(f"data file {p} is empty; it needs one row per example in the hub schema")
     if p.suffix == ".jsonl":
         _check_jsonl(p)
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a small local file: no "Generating train split" bar on the console
     try:
         if p.is_dir():
             rows = list(datasets.load_from_disk(str(p)))
@@ -109,6 +111,9 @@ def _read_local(path: str) -> list[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs the file named
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"data file {p} could not be read ({type(exc).__name__}: {reason})") from exc
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     if not rows:
         raise DataError(f"data file {p} holds no rows")
     return rows
