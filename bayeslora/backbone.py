@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import LoraSettings, ModelSettings
 from .errors import AssetError, ConfigError
+from .model_source import check_model_source, resolve_model_path
 from .predictive import MASKED_LOGIT
 from .profiling import phase
 from .trunk import TrunkCache, position_ids_from_mask, supports_trunk_cache, trunk_fingerprint
@@ -27,11 +28,6 @@ log = logging.getLogger(__name__)
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-HUB_ALIASES = {
-    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,68 +46,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"model.dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-RANDOM_INIT_ARCHS = ("llama", "qwen2")
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def check_model_source(settings: ModelSettings) -> None:
-    """Refuse, before anything loads, a model that cannot be had: ``model.name`` must be the bundled
-    alias, a hub alias, an existing local folder with a config and weights, or a hub id (org/name);
-    ``random_init`` must name a supported architecture and a tokenizer that passes the same check."""
-    from .assets import BUNDLED_MODEL
-
-    if settings.random_init is not None:
-        arch = settings.random_init.get("arch", "llama")
-        if arch not in RANDOM_INIT_ARCHS:
-            raise ConfigError(f"model.random_init.arch must be one of {RANDOM_INIT_ARCHS}, got {arch!r}")
-        tokenizer = settings.random_init.get("tokenizer", BUNDLED_MODEL)
-        if not isinstance(tokenizer, str):
-            raise ConfigError(f"model.random_init.tokenizer must be a model name, got {tokenizer!r}")
-        _check_name(tokenizer, "model.random_init.tokenizer", need_weights=False)
-        return
-    _check_name(settings.name, "model.name", need_weights=True)
-
-
-def _check_name(name: str, where: str, need_weights: bool) -> None:
-    from .assets import BUNDLED_MODEL
-
-    if name == BUNDLED_MODEL or name in HUB_ALIASES:
-        return
-    local = Path(name).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ConfigError(f"{where} {name!r} is a file; give the model's folder (with config.json and weights)")
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{where}: the folder {local} has no config.json; it must be a transformers model "
-                              f"folder (as written by save_pretrained)")
-        if need_weights and not any(p.suffix in WEIGHT_SUFFIXES and p.stat().st_size > 0 for p in local.iterdir()):
-            raise ConfigError(f"{where}: the folder {local} holds no weights (*.safetensors or *.bin); copy the "
-                              f"model's weight files into it")
-        return
-    if _looks_like_path(name):
-        raise ConfigError(f"{where}: the local model folder {name} does not exist")
-    if not HUB_ID.match(name):
-        aliases = ", ".join([BUNDLED_MODEL, *HUB_ALIASES])
-        raise ConfigError(f"{where} {name!r} is not a known alias ({aliases}), a local folder or a hub id "
-                          f"(organisation/name, e.g. Qwen/Qwen2.5-7B)")
-
-
-def resolve_model_path(name: str) -> str:
-    """A bundled alias -> its converted cache dir; a hub alias -> its hub id; otherwise unchanged."""
-    from .assets import BUNDLED_MODEL, ensure_model
-
-    if name == BUNDLED_MODEL:
-        return str(ensure_model(name))
-    if name in HUB_ALIASES:
-        return HUB_ALIASES[name]
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
 class Backbone:

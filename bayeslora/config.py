@@ -190,7 +190,7 @@ class ModelSettings(Validated):
     config_name: ClassVar[str] = "model"
 
     name: str = "smollm2-135m"
-    """A bundled alias, a hub alias (see ``bayeslora.backbone.HUB_ALIASES``), a hub id (org/name) or a local folder."""
+    """A bundled alias, a hub alias (``bayeslora.model_source.HUB_ALIASES``), a hub id (org/name) or a folder."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights' dtype: auto (bf16 on GPU, float32 on CPU)."""
     device: str = "auto"

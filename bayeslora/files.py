@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def temp_owner_dead(name: str) -> bool:
+UNOWNED_TEMP_MAX_AGE_S = 24 * 3600
+
+
+def temp_owner_dead(entry: Path) -> bool:
     """Whether a ``.tmp-`` entry's writer is known to be gone: written on this host by a pid that is not
-    alive. Entries from other hosts (a shared file system) or in an older naming are left alone."""
-    parts = name[len(TEMP_MARK):].split("-")
+    alive. Entries of other hosts (a shared file system) are left alone; entries without a writer in their
+    name (an older naming) are removed once a day old."""
+    parts = entry.name[len(TEMP_MARK):].split("-")
     host = _host()
     for i in range(len(parts) - 1):
         if parts[i] == host and parts[i + 1].isdigit():
             return not _pid_alive(int(parts[i + 1]))
-    return False
+    named_writer = any(parts[i + 1].isdigit() and not parts[i].isdigit() and len(parts[i]) != 16
+                       for i in range(len(parts) - 1))
+    if named_writer:
+        return False
+    try:
+        return time.time() - entry.stat().st_mtime > UNOWNED_TEMP_MAX_AGE_S
+    except OSError:
+        return False
 
 
 def remove_orphans(folder: Path) -> list[Path]:
@@ -73,7 +85,7 @@ def remove_orphans(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in folder.glob(f"{TEMP_MARK}*"):
-        if temp_owner_dead(entry.name):
+        if temp_owner_dead(entry):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -153,9 +165,12 @@ _MEMO_FILE = "file-digests.json"
 _memo: dict[str, str] | None = None
 
 
-def _memo_path() -> Path:
-    from .assets import cache_root
+def cache_root() -> Path:
+    """The user cache of bayeslora: ``$BAYESLORA_CACHE`` or ``~/.cache/bayeslora``."""
+    return Path(os.environ.get("BAYESLORA_CACHE", Path.home() / ".cache" / "bayeslora"))
 
+
+def _memo_path() -> Path:
     return cache_root() / _MEMO_FILE
 
 

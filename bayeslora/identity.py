@@ -143,7 +143,7 @@ def code_version() -> str:
 def model_identity(settings: ModelSettings) -> dict[str, Any]:
     """What the model's weights and tokenizer are: file digests of a local folder (the bundled model
     included), or the hub id with its pinned revision. Call after :func:`check_model_source`."""
-    from .backbone import resolve_model_path
+    from .model_source import resolve_model_path
 
     if settings.random_init is not None:
         tokenizer = settings.random_init.get("tokenizer", "smollm2-135m")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .backbone import HUB_ALIASES, Backbone, random_init_config, resolve_model_path
+from .backbone import Backbone, random_init_config
 from .config import ModelSettings
 from .errors import ConfigError
+from .model_source import HUB_ALIASES, resolve_model_path
 
 PACKAGED_CONFIGS = Path(__file__).with_name("model_configs")
 

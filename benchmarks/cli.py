@@ -6,17 +6,18 @@ import argparse
 import logging
 import sys
 
-from bayeslora import BayesLoraError, ConfigError, available_methods
+from bayeslora import BayesLoraError, ConfigError
 
 FORMATS = ("md", "csv", "latex")
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    methods = available_methods()
+    from bayeslora.registry import method_summaries
+
+    methods = method_summaries()  # read from the sources: no method (nor pyro, vbll) is imported
     width = max(len(n) for n in methods)
-    for name, cls in methods.items():
-        doc = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<{width}}  {doc}  [{cls.__module__}]")
+    for name, (doc, module) in methods.items():
+        print(f"{name:<{width}}  {doc}  [{module}]")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Where a suite's runs execute: the local loop, a Ray cluster, or Slurm through submitit.
 
-A distributed executor sends each unfinished run to :func:`run_one`, which rebuilds the suite from its
-resolved mapping inside the worker and executes that one run with a :class:`~benchmarks.runner.Runner`
-writing into the same output folder. The layout is unchanged: every run folder is written to a
-temporary name and renamed into place, MAP adapters and other artifacts are atomic files in
+A distributed executor sends each unfinished run to :func:`benchmarks.runner.run_one`, which rebuilds
+the suite from its resolved mapping inside the worker and executes that one run with a
+:class:`~benchmarks.runner.Runner` writing into the same output folder. The layout is unchanged: every
+run folder is written to a temporary name and renamed into place, MAP adapters and other artifacts are atomic files in
 ``OUT/cache`` shared by all workers (two workers that need the same MAP adapter at once may both train
 it; the results are identical), and the trunk cache's hidden states are saved per worker (the last
 writer wins; a lost entry is only recomputed). A run whose worker dies is retried up to ``retries``
@@ -31,9 +31,6 @@ log = logging.getLogger("bayeslora.executors")
 
 EXECUTORS = ("local", "ray", "slurm")
 
-_RUNNERS: dict[tuple[str, str], Any] = {}
-
-
 class RunsFailed(BayesLoraError):
     """Some runs of a distributed suite failed; the others finished and are in the results."""
 
@@ -48,25 +45,6 @@ class RunTask:
     run_id: str
     rerun: list[str] = field(default_factory=list)
     """``--rerun`` values that apply to this run (it executes again although finished)."""
-
-
-def run_one(task: RunTask) -> str:
-    """Execute one run of a suite in this process (unless already finished); returns its id.
-
-    A worker process keeps one Runner per (folder, suite), so the backbone stays loaded across its runs."""
-    from bayeslora.artifacts import content_hash
-
-    from .runner import Runner
-    from .suite import parse_suite
-
-    key = (task.out, content_hash(task.suite_raw))
-    if key not in _RUNNERS:
-        _RUNNERS.clear()  # one suite per worker at a time: free the previous backbone
-        _RUNNERS[key] = Runner(parse_suite(task.suite_raw, default_name=task.suite_name), task.out, progress=False)
-    runner = _RUNNERS[key]
-    runner.rerun = set(task.rerun)
-    runner.claim_and_execute(runner.spec(task.run_id), block=True)  # under the run's lock, once
-    return task.run_id
 
 
 @dataclass
@@ -144,9 +122,12 @@ def make_executor(name: str, out: str | Path, options: dict[str, Any] | None = N
     raise ConfigError(f"executor must be one of {EXECUTORS}, got {name!r}")
 
 
-def run_distributed(executor: RayExecutor | SlurmExecutor, tasks: list[RunTask], titles: dict[str, str]) -> list[str]:
-    """Dispatch ``tasks``; returns the finished run ids, or raises :class:`RunsFailed` naming the failed ones."""
-    results = executor.map(run_one, tasks)
+def run_distributed(executor: RayExecutor | SlurmExecutor, fn: Callable[[RunTask], str], tasks: list[RunTask],
+                    titles: dict[str, str]) -> list[str]:
+    """``fn`` (the runner's ``run_one``) on every task through ``executor``; returns the finished run ids, or
+    raises :class:`RunsFailed` naming the failed ones after the others finished. This module imports no
+    runner code: the runner hands its function in."""
+    results = executor.map(fn, tasks)
     failed = [(task, res) for task, res in zip(tasks, results, strict=True) if isinstance(res, BaseException)]
     if failed:
         lines = [f"  {titles[t.run_id]} ({t.run_id}): {type(e).__name__}: {e}" for t, e in failed]

@@ -53,8 +53,9 @@ from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
 from bayeslora.profiling import PHASES, PhaseProfile, peak_memory_window, phase, recording
 from bayeslora.trunk import TrunkCache
 
+from .executors import RunTask, run_distributed
 from .store import METRICS, describe_files, read_run, stale_runs, write_manifest, write_results
-from .suite import RunSpec, Suite, has_paths
+from .suite import RunSpec, Suite, has_paths, parse_suite
 
 log = logging.getLogger("bayeslora.runner")
 
@@ -288,13 +289,11 @@ class Runner:
                  len(self.suite.runs) - len(todo))
         self.check_data(todo)
         if executor is not None:
-            from .executors import RunTask, run_distributed
-
             tasks = [RunTask(self.suite.raw, self.suite.name, str(self.out), s.run_id,
                              sorted(self.rerun) if self.forced(s) else []) for s in todo]
             print(f"dispatching {len(tasks)} runs to {type(executor).__name__}", flush=True)
             try:
-                return run_distributed(executor, tasks, {s.run_id: s.title for s in todo})
+                return run_distributed(executor, run_one, tasks, {s.run_id: s.title for s in todo})
             finally:
                 write_results(self.out)
         if distributed.world_size() > 1:  # every process computes every run together: no claiming
@@ -464,3 +463,20 @@ class Runner:
         })
         row.update({f"fit_{k}": v for k, v in report.extra.items() if isinstance(v, int | float | str)})
         return row
+
+
+_WORKER_RUNNERS: dict[tuple[str, str], Runner] = {}
+
+
+def run_one(task: RunTask) -> str:
+    """Execute one run of a suite in this (worker) process under the run's lock, unless it is finished;
+    returns its id. A worker keeps one Runner per (folder, suite), so the backbone stays loaded across runs."""
+    key = (task.out, content_hash(task.suite_raw))
+    if key not in _WORKER_RUNNERS:
+        _WORKER_RUNNERS.clear()  # one suite per worker at a time: free the previous backbone
+        _WORKER_RUNNERS[key] = Runner(parse_suite(task.suite_raw, default_name=task.suite_name), task.out,
+                                      progress=False)
+    runner = _WORKER_RUNNERS[key]
+    runner.rerun = set(task.rerun)
+    runner.claim_and_execute(runner.spec(task.run_id), block=True)
+    return task.run_id

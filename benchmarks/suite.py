@@ -42,7 +42,6 @@ import yaml
 
 from bayeslora import ConfigError, get_method
 from bayeslora.artifacts import content_hash
-from bayeslora.backbone import check_model_source
 from bayeslora.config import (
     RESULT_NEUTRAL_MODEL_FIELDS,
     DataSettings,
@@ -55,6 +54,7 @@ from bayeslora.config import (
 )
 from bayeslora.data import get_task
 from bayeslora.identity import data_identity, evaluation_code, method_code, model_identity
+from bayeslora.model_source import check_model_source
 from bayeslora.paths import PathSettings
 
 SUITE_KEYS = {"name", "description", "num_samples", "seeds", "model", "models", "lora", "train", "data",

@@ -66,3 +66,15 @@ def install_plugin(root: Path) -> Path:
 
 def uninstall_plugin(root: Path) -> None:
     sys.modules.pop("toy_bayes_plugin", None)
+
+
+def install_broken_plugin(root: Path) -> Path:
+    """A distribution whose method module fails to import (a missing dependency)."""
+    pkg = root / "broken_bayes_plugin"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("import a_dependency_that_is_not_installed\n")
+    dist = root / "broken_bayes_plugin-0.3.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-bayes-plugin\nVersion: 0.3\n")
+    (dist / "entry_points.txt").write_text("[bayeslora.methods]\nbroken_method = broken_bayes_plugin:Broken\n")
+    return root

@@ -59,7 +59,7 @@ def test_failed_runs_are_named_after_the_others_finish(tmp_path):
 
     tasks = [RunTask({}, "s", str(tmp_path), rid) for rid in ("a", "b")]
     with pytest.raises(RunsFailed, match=r"(?s)1 of 2 runs failed.*title b \(b\): ValueError: boom"):
-        run_distributed(Flaky(), tasks, {"a": "title a", "b": "title b"})
+        run_distributed(Flaky(), str, tasks, {"a": "title a", "b": "title b"})
     with pytest.raises(ConfigError, match="executor must be one of"):
         make_executor("dask", tmp_path)
 

@@ -1,10 +1,16 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import bayeslora
 from bayeslora import ConfigError, Posterior, UnknownMethodError, get_method, register
-from bayeslora.registry import _REGISTRY, reload_entry_points
+from bayeslora.registry import _REGISTRY, method_names, reload_entry_points
 
-from .plugin_fixture import install_plugin, uninstall_plugin
+from .plugin_fixture import install_broken_plugin, install_plugin, uninstall_plugin
+
+REPO = Path(__file__).parents[1]
 
 
 def test_builtins_are_registered_through_entry_points():
@@ -45,3 +51,26 @@ def test_third_party_entry_point_is_discovered(tmp_path, monkeypatch):
     finally:
         _REGISTRY.pop("noisy_zero_shot", None)
         uninstall_plugin(tmp_path)
+
+
+def test_lookups_import_only_the_method_asked_for():
+    code = ("import sys; from bayeslora import get_method; get_method('map'); from benchmarks.cli import main; "
+            "main(['methods']); print([m for m in ('pyro', 'vbll', 'baselines.bbb_lora') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bbb_lora" in proc.stdout and "Bayes-by-backprop" in proc.stdout  # listed, read from the source
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_broken_plugin_breaks_only_its_own_method(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(install_broken_plugin(tmp_path)))
+    reload_entry_points()
+    try:
+        assert "broken_method" in method_names()
+        assert get_method("map").__module__ == "baselines.map_lora"
+        with pytest.raises(ConfigError, match="broken-bayes-plugin 0.3.*fails to import.*a_dependency"):
+            get_method("broken_method")
+    finally:
+        monkeypatch.undo()
+        reload_entry_points()
+    assert "broken_method" not in method_names()

@@ -21,7 +21,7 @@ import yaml
 
 from bayeslora import ConfigError, Predictive
 from bayeslora.artifacts import ArtifactStore
-from bayeslora.assets import check_prepared, write_manifest
+from bayeslora.assets import check_prepared, write_asset_manifest
 from bayeslora.files import DamagedFileError, remove_orphans, temp_prefix, value_digest
 from bayeslora.identity import source_digest
 from bayeslora.metrics import ood_metrics
@@ -146,12 +146,15 @@ def test_orphan_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
     orphan_run = tmp_path / f".tmp-0123456789abcdef-{host}-{dead_pid}-xyz"
     live = tmp_path / f"{temp_prefix('0123456789abcdef')}live"
     foreign = tmp_path / f".tmp-otherhost-{dead_pid}-abc.pt"
-    for p in (orphan, foreign):
+    old_style, fresh_old_style = tmp_path / ".tmp-k2j4x9.pt", tmp_path / ".tmp-q8w7e6.pt"
+    for p in (orphan, foreign, old_style, fresh_old_style):
         p.write_text("x")
+    two_days_ago = os.path.getmtime(old_style) - 2 * 24 * 3600
+    os.utime(old_style, (two_days_ago, two_days_ago))
     for p in (orphan_run, live):
         p.mkdir()
-    assert sorted(remove_orphans(tmp_path)) == sorted([orphan, orphan_run])
-    assert live.exists() and foreign.exists()
+    assert sorted(remove_orphans(tmp_path)) == sorted([orphan, orphan_run, old_style])
+    assert live.exists() and foreign.exists() and fresh_old_style.exists()
 
 
 def test_prepared_assets_are_verified_by_size_and_by_hash(tmp_path):
@@ -159,7 +162,7 @@ def test_prepared_assets_are_verified_by_size_and_by_hash(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"0123456789")
     (folder / "config.json").write_text("{}")
-    write_manifest(folder, "w.whl")
+    write_asset_manifest(folder, "w.whl")
     assert check_prepared(folder, "w.whl") is None and check_prepared(folder, "other.whl") is not None
     (folder / "model.safetensors").write_bytes(b"0123456788")  # same size, other content
     assert check_prepared(folder, "w.whl") is None
