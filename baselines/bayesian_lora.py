@@ -1,4 +1,4 @@
-"""Bayesian-LoRA: inducing-weight variational posterior over LoRA factors (METHODS.md section 9) [code].
+"""Bayesian-LoRA: inducing-weight variational posterior over LoRA factors (docs/methods.md) [code].
 
 Every configured LoRA factor (A: r x d_in and B: d_out x r of each target module, by default q_proj,
 and of the answer head) is an :class:`~baselines.inducing_weights.InducingFactor`: a 9 x 9 inducing

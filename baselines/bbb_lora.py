@@ -1,4 +1,4 @@
-"""Bayes-by-backprop LoRA with pyro-ppl (METHODS.md section 5).
+"""Bayes-by-backprop LoRA with pyro-ppl (docs/methods.md).
 
 Mean-field Gaussian q(theta) over every LoRA parameter (A and B of a peft adapter), prior
 p(theta) = N(0, ``prior_std``^2), trained on the ELBO

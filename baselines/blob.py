@@ -1,4 +1,4 @@
-"""BLoB: Bayesian low-rank adaptation by backpropagation (METHODS.md section 5) [code].
+"""BLoB: Bayesian low-rank adaptation by backpropagation (docs/methods.md) [code].
 
 Asymmetric Bayesianisation: per adapted layer only A is Gaussian, q(A_ij) = N(M_ij, (G_ij^2)^2)
 (std parameterised as G^2, G init U(eps/sqrt 2, eps), eps = ``init_std_eps`` = 0.05); B is a point
@@ -16,7 +16,7 @@ custom layer is needed because Flipout's per-example signs are not a weight samp
 
 Objective per minibatch b of size |b| (the shared training loop): mean_b CE + w_b KL, with
 ``kl_weighting`` ``constant``: w_b = 1/N, or ``minibatch``: w_b = pi_i / |b|, pi_i = 2^i / (2^M - 1)
-for the i-th (i = 0..M-1) of M minibatches of an epoch (sums to 1 over the epoch; METHODS.md writes the
+for the i-th (i = 0..M-1) of M minibatches of an epoch (sums to 1 over the epoch; an earlier spec wrote the
 same with M + 1 batches). G trains at its own learning rate ``std_lr`` and no weight decay (BLoB's
 separate optimiser for the variance, as an AdamW parameter group). Prediction: S forward passes with
 fresh noise (seeded), or ``num_samples = 0``: the mean weights (no noise), S = 1.

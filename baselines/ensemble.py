@@ -1,4 +1,4 @@
-"""Deep ensemble of independently trained LoRA adapters on one backbone (METHODS.md section 3).
+"""Deep ensemble of independently trained LoRA adapters on one backbone (docs/methods.md).
 
 p(y|x) = 1/M sum_m softmax(z(x; theta_m)), each theta_m a MAP adapter trained from its own seed
 (its own LoRA initialisation and data order). Member m of ensemble seed s is the MAP adapter of

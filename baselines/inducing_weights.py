@@ -1,4 +1,4 @@
-"""Inducing-weight variational posterior over one weight matrix (METHODS.md section 9).
+"""Inducing-weight variational posterior over one weight matrix (docs/methods.md).
 
 For a factor W (d_out x d_in), a small inducing matrix U (M_r x M_c) and W share one zero-mean
 Gaussian prior built from learned inducing locations Z_r (M_r x d_out), Z_c (M_c x d_in) and diagonal

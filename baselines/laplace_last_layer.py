@@ -1,4 +1,4 @@
-"""Last-layer Laplace: laplace-torch on the K answer rows of the LM head only (METHODS.md section 7).
+"""Last-layer Laplace: laplace-torch on the K answer rows of the LM head only (docs/methods.md).
 
 The MAP adapter's features phi(x) (last-position hidden state after the final norm) come from the
 feature cache (:mod:`bayeslora.features`), computed once per example; the head z = W phi + b

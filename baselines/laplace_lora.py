@@ -1,5 +1,5 @@
 """Laplace-LoRA: a post-hoc Laplace posterior over the LoRA parameters of the MAP adapter
-(METHODS.md section 4), computed by laplace-torch.
+(docs/methods.md), computed by laplace-torch.
 
 p(theta | D) ~= N(theta_MAP, (H + lambda I)^-1), H the GGN over all LoRA parameters (K-FAC by
 default; diag or full where they fit), lambda tuned by the log marginal likelihood (default) or

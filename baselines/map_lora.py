@@ -1,7 +1,7 @@
 """Point estimates: the zero-shot backbone, MAP LoRA (AdamW with weight decay) and MLE LoRA (no decay).
 
 MAP: theta* = argmin_theta  -sum_i log p(y_i | x_i, theta) + (lambda/2)||theta||^2, with the
-Gaussian prior realised as AdamW's decoupled weight decay (METHODS.md section 1). Deterministic: S = 1.
+Gaussian prior realised as AdamW's decoupled weight decay (docs/methods.md). Deterministic: S = 1.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MC dropout over the LoRA branch (METHODS.md section 2).
+"""MC dropout over the LoRA branch (docs/methods.md).
 
 The MAP adapter (shared cache) predicts with its LoRA dropout left active: z_s(x) = z(x; theta, m_s)
 with Bernoulli masks m_s ~ Bern(1 - p) on the LoRA input, S passes. Only the LoRA dropout modules

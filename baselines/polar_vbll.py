@@ -1,4 +1,4 @@
-"""PoLAR-VBLL: a PoLAR adapter (landing field) trained with a VBLL head (METHODS.md section 7).
+"""PoLAR-VBLL: a PoLAR adapter (landing field) trained with a VBLL head (docs/methods.md).
 
 The adapter (:mod:`baselines.polar`, dW = (alpha/r) X Theta Y^T on ``lora.target_modules`` in
 ``lora.layers``; ``lora.dropout`` is not used) and the head (:class:`baselines.vbll_head.VbllHead`)

@@ -1,4 +1,4 @@
-"""SWAG-LoRA and B-LoRA-XS: a SWAG Gaussian over adapter weights (METHODS.md section 6).
+"""SWAG-LoRA and B-LoRA-XS: a SWAG Gaussian over adapter weights (docs/methods.md).
 
 Both run the shared training loop twice: a burn-in, then an SWA phase at the constant learning rate
 ``swag.lr`` for ``swag.epochs`` epochs, during which :class:`SwagHooks` (a per-step callback)

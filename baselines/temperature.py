@@ -1,4 +1,4 @@
-"""Temperature scaling of the MAP adapter (METHODS.md section 9b).
+"""Temperature scaling of the MAP adapter (docs/methods.md).
 
 T* = argmin_T  -sum_{(x,y) in val} log softmax(z(x) / T)_y, optimised over log T by L-BFGS from
 T = 1; the fitted T is kept only if it lowers the validation NLL (so it never raises it).

@@ -1,4 +1,4 @@
-"""VBLL: a variational Bayesian last layer on cached features (METHODS.md section 7).
+"""VBLL: a variational Bayesian last layer on cached features (docs/methods.md).
 
 phi(x) comes from the MAP adapter (``features: map``, the cached MAP adapter of this seed) or the
 frozen pretrained model (``features: base``). phi is computed once per training/validation example

@@ -1,4 +1,4 @@
-"""Segmented Bezier curves in LoRA parameter space (METHODS.md section 8).
+"""Segmented Bezier curves in LoRA parameter space (docs/methods.md, LoRA-Curve).
 
 M anchors theta*_1 .. theta*_M are joined by M-1 Bezier segments of degree n. Segment j has the
 control points w_{jn} .. w_{jn+n}; neighbouring segments share their anchor, so a curve has

@@ -1,4 +1,4 @@
-"""LoRA-Curve: a segmented Bezier curve phi(t) through LoRA space as the posterior (METHODS.md section 8).
+"""LoRA-Curve: a segmented Bezier curve phi(t) through LoRA space as the posterior (docs/methods.md, LoRA-Curve).
 
 Training minimises, per minibatch, with m curve points t_1..t_m drawn uniformly (or stratified),
 
@@ -61,7 +61,7 @@ reloaded curve predicts exactly the same."""
 
 @dataclass
 class LoraCurveConfig(AdapterConfig):
-    """LoRA-Curve settings (names follow METHODS.md section 8).
+    """LoRA-Curve settings (names follow docs/methods.md, LoRA-Curve).
 
     ``mode``: anchored | free. ``anchors``: M. ``degree``: n. ``t_per_step``: m curve points per
     minibatch, drawn by ``t_sampling`` (uniform | stratified). ``js_weight``: lambda_JS (0 = off).

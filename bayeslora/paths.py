@@ -1,4 +1,4 @@
-"""Loss and accuracy along paths in LoRA weight space, and their barrier heights (METHODS.md section 8).
+"""Loss and accuracy along paths in LoRA weight space, and their barrier heights (docs/methods.md, LoRA-Curve).
 
 A path maps t in [0, 1] to a full set of LoRA weights; the backbone evaluates each point through
 :meth:`~bayeslora.backbone.Backbone.class_logits_with`, so nothing is copied. For each path and

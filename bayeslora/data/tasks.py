@@ -1,6 +1,6 @@
 """Tasks: turn a dataset row (in its Hugging Face hub schema) into a prompt, answer options and a label.
 
-Prompts follow the Robeyns et al. style (METHODS.md section 10)::
+Prompts follow the Robeyns et al. style (docs/benchmarking.md, offline assets and protocol)::
 
     Return the label of the correct answer for the question below.
 
