@@ -19,7 +19,6 @@ factors at E_q[U] without conditional noise.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,12 +219,11 @@ class BayesianLora(HookedAdapterPosterior):
                                config.inducing)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        start = time.perf_counter()
         result = self.train_adapter(backbone, train_split, val)
         counts = self.count_parameters(backbone, self.config)
         with torch.no_grad():
             kl_u, kl_w = self.adapter.kl_terms()
-        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=counts["bayesian_lora"],
+        return FitReport(trainable_params=counts["bayesian_lora"],
                          posterior_params=self.adapter.variational_parameter_count(), train_steps=result.steps,
                          extra={"best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
                                 "final_train_loss": final_train_loss(result),

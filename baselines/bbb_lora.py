@@ -22,7 +22,6 @@ same draws for every example), or ``num_samples = 0``: the guide's means.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,10 +147,6 @@ class BbbLora(Posterior):
         self.guide: MeanFieldGuide | None = None
         self.train_result: TrainResult | None = None
 
-    @property
-    def adapter_name(self) -> str:
-        return f"{self.name}-seed{self.seed}"
-
     def _build(self, backbone: Backbone, n_data: int) -> None:
         """The adapter (its values are the guide's initial means), the model and the guide."""
         params = backbone.lora_parameters(self.adapter_name)
@@ -161,7 +156,6 @@ class BbbLora(Posterior):
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         settings = self.config.train
         if self.config.init == "map":
             fit_lora_adapter(backbone, self.adapter_name, self.config.lora, settings, train_split, val, self.seed,
@@ -175,7 +169,7 @@ class BbbLora(Posterior):
         result = self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
                                            desc=f"train {self.name}")
         n_lora = sum(int(torch.Size(s).numel()) for s in self.model.shapes.values())
-        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=2 * n_lora,
+        return FitReport(trainable_params=2 * n_lora,
                          posterior_params=2 * n_lora, train_steps=result.steps,
                          extra={"best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
                                 "final_train_loss": final_train_loss(result)})
@@ -200,11 +194,6 @@ class BbbLora(Posterior):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         backbone = self.require_backbone()
-        if self.adapter_name not in backbone.adapter_names():
-            backbone.add_lora(self.adapter_name, self.config.lora)
+        backbone.ensure_adapter(self.adapter_name, self.config.lora)
         self._build(backbone, state["n_data"])
         self.guide.load_state_dict(state["guide"])
-
-    def release(self) -> None:
-        if self.backbone is not None:
-            self.backbone.delete_adapter(self.adapter_name)

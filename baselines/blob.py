@@ -25,7 +25,6 @@ fresh noise (seeded), or ``num_samples = 0``: the mean weights (no noise), S = 1
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -188,11 +187,9 @@ class Blob(HookedAdapterPosterior):
                                    samples_per_forward=self.config.samples_per_forward)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        start = time.perf_counter()
         result = self.train_adapter(backbone, train_split, val)
         n_a = sum(p.numel() for p in self.adapter.M.values())
-        return FitReport(fit_seconds=time.perf_counter() - start,
-                         trainable_params=sum(p.numel() for p in self.adapter.parameters()),
+        return FitReport(trainable_params=sum(p.numel() for p in self.adapter.parameters()),
                          posterior_params=2 * n_a, train_steps=result.steps,
                          extra={"best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
                                 "kl": self.adapter.kl(self.config.prior_std).item(),

@@ -9,7 +9,6 @@ per sample. Predictive samples are the members: S = M whatever ``num_samples`` i
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,15 +53,13 @@ class DeepEnsemble(MapLora):
         return [self.seed * m + i for i in range(m)]
 
     def member_name(self, member_seed: int) -> str:
-        return f"{self.name}-seed{self.seed}-member{member_seed}"
+        return self.owned_adapter(f"member{member_seed}")
 
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         fits = [fit_lora_adapter(backbone, self.member_name(s), self.config.lora, self.train_settings(), train, val,
                                  s, self.artifacts) for s in self.member_seeds()]
         return FitReport(
-            fit_seconds=time.perf_counter() - start,
             trainable_params=sum(f.trainable_params for f in fits),
             posterior_params=sum(f.trainable_params for f in fits[1:]),
             train_steps=sum(f.result.steps for f in fits),
@@ -87,11 +84,4 @@ class DeepEnsemble(MapLora):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         backbone = self.require_backbone()
         for s, adapter in state["members"].items():
-            if self.member_name(s) not in backbone.adapter_names():
-                backbone.add_lora(self.member_name(s), self.config.lora)
-            backbone.load_adapter_state(self.member_name(s), adapter)
-
-    def release(self) -> None:
-        if self.backbone is not None:
-            for s in self.member_seeds():
-                self.backbone.delete_adapter(self.member_name(s))
+            backbone.restore_adapter(self.member_name(s), self.config.lora, adapter)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -255,7 +254,6 @@ class LaplacePosterior(MapLora):
 
     # ------------------------------------------------------------------ the flow
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        start = time.perf_counter()
         report = super().fit(backbone, train, val)
         backbone.use_adapter(self.adapter_name)  # only this adapter's LoRA parameters require grad
         model = self.laplace_model(train)
@@ -267,7 +265,6 @@ class LaplacePosterior(MapLora):
         with self.curvature_context(), differentiable_attention(), torch.device(backbone.device):
             self.la.fit(self.curvature_loader(train))
             tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
-        report.fit_seconds = time.perf_counter() - start
         report.posterior_params = sum(p.numel() for p in params)
         report.extra.update({**tuned, "factor_bytes": factor_bytes, "hessian_structure": self.config.hessian_structure})
         return report

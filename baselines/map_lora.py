@@ -7,7 +7,6 @@ Gaussian prior realised as AdamW's decoupled weight decay (docs/methods.md). Det
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -53,10 +52,6 @@ class MapLora(Posterior):
     deterministic = True
     weight_decay: float | None = None  # None: use train.weight_decay
 
-    @property
-    def adapter_name(self) -> str:
-        return f"{self.name}-seed{self.seed}"
-
     def train_settings(self) -> TrainSettings:
         if self.weight_decay is None:
             return self.config.train
@@ -64,11 +59,9 @@ class MapLora(Posterior):
 
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         fit = fit_lora_adapter(backbone, self.adapter_name, self.config.lora, self.train_settings(), train, val,
                                self.seed, self.artifacts)
         return FitReport(
-            fit_seconds=time.perf_counter() - start,
             trainable_params=fit.trainable_params,
             posterior_params=0,
             train_steps=fit.result.steps,
@@ -87,13 +80,7 @@ class MapLora(Posterior):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         backbone = self.require_backbone()
-        if self.adapter_name not in backbone.adapter_names():
-            backbone.add_lora(self.adapter_name, self.config.lora)
-        backbone.load_adapter_state(self.adapter_name, state["adapter"])
-
-    def release(self) -> None:
-        if self.backbone is not None:
-            self.backbone.delete_adapter(self.adapter_name)
+        backbone.restore_adapter(self.adapter_name, self.config.lora, state["adapter"])
 
 
 class MleLora(MapLora):

@@ -13,7 +13,6 @@ Prediction: one backbone pass per example (adapter active), then S draws of the 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +124,6 @@ class PolarVbll(Posterior):
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         torch.manual_seed(self.seed)
         self._build(backbone, train_split.answer_ids, self.config.vbll.weight_for(len(train_split)))
         settings = self.config.train
@@ -138,7 +136,6 @@ class PolarVbll(Posterior):
             p.requires_grad_(True)
         n_adapter = sum(p.numel() for p in self.adapter.parameters())
         return FitReport(
-            fit_seconds=time.perf_counter() - start,
             trainable_params=n_adapter + sum(p.numel() for p in self.head.parameters()),
             posterior_params=self.head.num_posterior_params(),
             train_steps=result.steps,

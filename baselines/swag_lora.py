@@ -19,7 +19,6 @@ example under each: S backbone passes per example.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +90,6 @@ class _SwagPosterior(Posterior):
         self.stats: SwagStatistics | None = None
         self.swa_result: TrainResult | None = None
 
-    @property
-    def adapter_name(self) -> str:
-        return f"{self.name}-seed{self.seed}"
-
     # subclasses: the trainable tensors, and a context in which the backbone uses given values of them
     def weights(self) -> dict[str, torch.nn.Parameter]:
         raise NotImplementedError
@@ -161,12 +156,11 @@ class SwagLora(_SwagPosterior):
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         fit = fit_lora_adapter(backbone, self.adapter_name, self.config.lora, self.config.train, train_split, val,
                                self.seed, self.artifacts)
         backbone.use_adapter(self.adapter_name)
         self.run_swa_phase(backbone, train_split)
-        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=fit.trainable_params,
+        return FitReport(trainable_params=fit.trainable_params,
                          posterior_params=self.stats.num_stored(), train_steps=fit.result.steps + self.swa_result.steps,
                          reused_cache=fit.reused, extra={"best_val_nll": fit.result.best_val_nll, **self.swag_report()})
 
@@ -175,14 +169,8 @@ class SwagLora(_SwagPosterior):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         backbone = self.require_backbone()
-        if self.adapter_name not in backbone.adapter_names():
-            backbone.add_lora(self.adapter_name, self.config.lora)
-        backbone.load_adapter_state(self.adapter_name, state["weights"])
+        backbone.restore_adapter(self.adapter_name, self.config.lora, state["weights"])
         self.stats = SwagStatistics.from_state(state["swag"])
-
-    def release(self) -> None:
-        if self.backbone is not None:
-            self.backbone.delete_adapter(self.adapter_name)
 
 
 class BLoraXs(_SwagPosterior):
@@ -218,7 +206,6 @@ class BLoraXs(_SwagPosterior):
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         self._build(backbone)
         settings = self.config.train
         torch.manual_seed(self.seed)
@@ -228,7 +215,7 @@ class BLoraXs(_SwagPosterior):
                             desc=f"train {self.name}")
             self.run_swa_phase(backbone, train_split)
         n_trainable = sum(p.numel() for p in self.weights().values())
-        return FitReport(fit_seconds=time.perf_counter() - start, trainable_params=n_trainable,
+        return FitReport(trainable_params=n_trainable,
                          posterior_params=self.stats.num_stored(), train_steps=burn_in.steps + self.swa_result.steps,
                          extra={"best_val_nll": burn_in.best_val_nll, "train_seconds": burn_in.seconds,
                                 **self.swag_report()})

@@ -11,7 +11,6 @@ Prediction: one backbone pass per example, then S draws of the Gaussian logit pr
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +72,6 @@ class VbllLastLayer(MapLora):
         return self.adapter_name if self.config.features == "map" else None
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        start = time.perf_counter()
         report = super().fit(backbone, train_split, val) if self.config.features == "map" else FitReport()
         self.attach_for_training(backbone)
         batch_size = self.config.train.eval_batch_size
@@ -89,7 +87,6 @@ class VbllLastLayer(MapLora):
         best = min(range(len(fits)), key=lambda i: fits[i][1].best_val_nll)  # a single fit: index 0
         self.head, result = fits[best]
         self.prior_scale = candidates[best].prior_scale
-        report.fit_seconds = time.perf_counter() - start
         report.trainable_params += sum(p.numel() for p in self.head.parameters() if p.requires_grad)
         report.posterior_params = self.head.num_posterior_params()
         report.extra.update({"prior_scale": self.prior_scale, "head_steps": result.steps,
@@ -133,7 +130,3 @@ class VbllLastLayer(MapLora):
         settings = dataclasses.replace(self.config.vbll, prior_scale=self.prior_scale)
         self.head = VbllHead.for_backbone(backbone, self.answer_ids, state["regularization_weight"], settings)
         self.head.load_state_dict(state["head"])
-
-    def release(self) -> None:
-        if self.config.features == "map":
-            super().release()

@@ -329,6 +329,17 @@ class Backbone:
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.lora_parameters(name).items()}
 
+    def ensure_adapter(self, name: str, settings: LoraSettings, seed: int | None = None) -> None:
+        """Adapter ``name`` on the backbone: added with ``settings`` unless it is there already (reloading a
+        posterior's state onto a fresh backbone)."""
+        if name not in self.adapter_names():
+            self.add_lora(name, settings, seed=seed)
+
+    def restore_adapter(self, name: str, settings: LoraSettings, state: dict[str, torch.Tensor]) -> None:
+        """:meth:`ensure_adapter`, then its weights from ``state`` (:meth:`adapter_state`'s form)."""
+        self.ensure_adapter(name, settings)
+        self.load_adapter_state(name, state)
+
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
         params = self.lora_parameters(name)
         if set(params) != set(state):

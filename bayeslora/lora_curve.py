@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -215,11 +214,6 @@ class LoraCurve(Posterior):
         super().__init__(config, seed=seed, artifacts=artifacts)
         self.curve: BezierCurve | None = None
 
-    @property
-    def adapter_name(self) -> str:
-        """The adapter whose weights phi(t) replaces in each forward (its own values are never used)."""
-        return f"{self.name}-seed{self.seed}"
-
     def anchor_seeds(self) -> list[int]:
         """MAP seeds of the anchors: s*M .. s*M + M - 1 (the ensemble of seed s has the same members)."""
         m = self.config.anchors
@@ -229,7 +223,6 @@ class LoraCurve(Posterior):
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         self.config.check()
         self.attach_for_training(backbone)
-        start = time.perf_counter()
         cfg = self.config
         if cfg.mode == "anchored":
             anchors, reused, anchor_steps = self._map_anchors(backbone, train_split, val)
@@ -246,7 +239,6 @@ class LoraCurve(Posterior):
                        desc=f"train {self.adapter_name}")
         point_size = sum(w.numel() for w in self.curve.control_point(0).values())
         return FitReport(
-            fit_seconds=time.perf_counter() - start,
             trainable_params=sum(p.numel() for p in self.curve.trainable_parameters()),
             posterior_params=(self.curve.num_points - 1) * point_size,
             train_steps=result.steps + anchor_steps,
@@ -260,7 +252,7 @@ class LoraCurve(Posterior):
         """The M MAP adapters (trained once, cached, shared with MAP and the ensemble), frozen."""
         anchors, reused, steps = [], True, 0
         for s in self.anchor_seeds():
-            name = f"{self.adapter_name}-anchor{s}"
+            name = self.owned_adapter(f"anchor{s}")
             fit = fit_lora_adapter(backbone, name, self.config.lora, self.config.train, train_split, val, s,
                                    self.artifacts)
             anchors.append(backbone.adapter_state(name))
@@ -270,7 +262,7 @@ class LoraCurve(Posterior):
 
     def _initial_point(self, backbone: Backbone, k: int) -> Weights:
         """An independent LoRA initialisation (peft's: A random, B = 0) for control point k."""
-        name = f"{self.adapter_name}-init{k}"
+        name = self.owned_adapter(f"init{k}")
         backbone.add_lora(name, self.config.lora, seed=self.seed * 1000 + k)
         point = backbone.adapter_state(name)
         backbone.delete_adapter(name)
@@ -322,9 +314,4 @@ class LoraCurve(Posterior):
         backbone = self.require_backbone()
         curve = BezierCurve(state["points"], state["anchors"], state["degree"], state["trainable"])
         self.curve = curve.to(backbone.device)
-        if self.adapter_name not in backbone.adapter_names():
-            backbone.add_lora(self.adapter_name, self.config.lora, seed=self.seed)
-
-    def release(self) -> None:
-        if self.backbone is not None:
-            self.backbone.delete_adapter(self.adapter_name)
+        backbone.ensure_adapter(self.adapter_name, self.config.lora, seed=self.seed)

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class FitReport:
-    """What fitting cost and produced. ``extra`` holds method-specific numbers (e.g. tuned prior precision)."""
+    """What fitting cost and produced. ``extra`` holds method-specific numbers (e.g. tuned prior precision),
+    which become ``fit_<key>`` result columns. ``fit_seconds`` is filled in by the runner, which times
+    every method's fit alike; methods leave it at 0."""
 
     fit_seconds: float = 0.0
     trainable_params: int = 0
@@ -141,8 +143,24 @@ class Posterior(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    def release(self) -> None:  # noqa: B027 - optional hook, a no-op unless a method adds adapters
-        """Free adapters this posterior added to its backbone (the runner calls this after each run)."""
+    @property
+    def adapter_name(self) -> str:
+        """The name of this posterior's adapter on the backbone, ``<method>-seed<seed>``. Every adapter the
+        posterior adds is named by it, alone or extended (:meth:`owned_adapter`), and so owned by it."""
+        return f"{self.name}-seed{self.seed}"
+
+    def owned_adapter(self, part: str) -> str:
+        """The name of a further adapter this posterior owns: ``<adapter_name>-<part>`` (e.g. ensemble members)."""
+        return f"{self.adapter_name}-{part}"
+
+    def release(self) -> None:
+        """Delete every adapter this posterior owns (named by :attr:`adapter_name`) from its backbone, so the
+        next run in the process starts clean. The runner calls it after each run; methods do not override it."""
+        if self.backbone is None:
+            return
+        for name in self.backbone.adapter_names():
+            if name == self.adapter_name or name.startswith(f"{self.adapter_name}-"):
+                self.backbone.delete_adapter(name)
 
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:

@@ -153,3 +153,27 @@ def test_groups_marked_clip_false_are_left_out_of_gradient_clipping():
     big, small = hooks.grads[0]
     assert big == pytest.approx(1000.0)  # untouched
     assert small == pytest.approx(1.0, rel=1e-4)  # clipped alone: 5 sqrt(3) -> 1
+
+
+def test_release_removes_exactly_the_adapters_a_posterior_owns(tiny_backbone, toy_splits, fast_adapter_config):
+    from bayeslora.config import LoraSettings
+
+    tiny_backbone.add_lora("someone-else", LoraSettings(r=2, dropout=0.0))
+    ensemble = get_method("ensemble")({**fast_adapter_config, "members": 2}, seed=1)
+    ensemble.fit(tiny_backbone, *toy_splits[:2])
+    assert sorted(tiny_backbone.adapter_names()) == ["ensemble-seed1-member2", "ensemble-seed1-member3",
+                                                      "someone-else"]
+    ensemble.release()
+    assert tiny_backbone.adapter_names() == ["someone-else"]
+    again = get_method("ensemble")({**fast_adapter_config, "members": 2}, seed=1)  # the same names are free again
+    again.fit(tiny_backbone, *toy_splits[:2])
+    again.release()
+
+
+def test_no_method_writes_its_own_release():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    sources = [p for folder in ("baselines", "bayeslora") for p in (root / folder).rglob("*.py")]
+    overriding = [p.name for p in sources if "def release(" in p.read_text() and p.name != "posterior.py"]
+    assert overriding == []
