@@ -14,14 +14,14 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
-from bayeslora.adapters import fit_lora_adapter
+from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
+from bayeslora.adapters import MapAdapter
 from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import PositiveInt
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive, sample_class_logits
 
-from .map_lora import AdapterConfig, MapLora
+from .map_lora import AdapterConfig
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EnsembleConfig(AdapterConfig):
     members: PositiveInt = 5
 
 
-class DeepEnsemble(MapLora):
+class DeepEnsemble(Posterior):
     """M MAP adapters from seeds s*M .. s*M+M-1; the predictive averages their softmaxes."""
 
     name = "ensemble"
@@ -55,10 +55,12 @@ class DeepEnsemble(MapLora):
     def member_name(self, member_seed: int) -> str:
         return self.owned_adapter(f"member{member_seed}")
 
+    def members(self) -> list[MapAdapter]:
+        """Member m is the MAP adapter of seed s*M + m, held under this ensemble's name."""
+        return [MapAdapter(self, name=self.member_name(s), seed=s) for s in self.member_seeds()]
+
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach_for_training(backbone)
-        fits = [fit_lora_adapter(backbone, self.member_name(s), self.config.lora, self.train_settings(), train, val,
-                                 s, self.artifacts) for s in self.member_seeds()]
+        fits = [member.fit(backbone, train, val) for member in self.members()]
         return FitReport(
             trainable_params=sum(f.trainable_params for f in fits),
             posterior_params=sum(f.trainable_params for f in fits[1:]),
@@ -69,7 +71,7 @@ class DeepEnsemble(MapLora):
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
         backbone = self.require_backbone()
-        names = [self.member_name(s) for s in self.member_seeds()]
+        names = [m.name for m in self.members()]
 
         def member(s: int) -> Any:
             return backbone.using_adapter(names[s])
@@ -78,10 +80,9 @@ class DeepEnsemble(MapLora):
                                   desc=self.name)
 
     def state_dict(self) -> dict[str, Any]:
-        backbone = self.require_backbone()
-        return {"members": {s: backbone.adapter_state(self.member_name(s)) for s in self.member_seeds()}}
+        return {"members": {m.seed: m.state() for m in self.members()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        backbone = self.require_backbone()
+        by_seed = {m.seed: m for m in self.members()}
         for s, adapter in state["members"].items():
-            backbone.restore_adapter(self.member_name(s), self.config.lora, adapter)
+            by_seed[int(s)].restore(adapter)

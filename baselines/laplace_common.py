@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive, ResourceNeeds
+from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
+from bayeslora.adapters import MapAdapter, map_fit_report
 from bayeslora.attention import differentiable_attention
 from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import (
@@ -32,8 +33,6 @@ from bayeslora.config import (
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
 from bayeslora.predictive import MASKED_LOGIT
-
-from .map_lora import MapLora
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +204,7 @@ def split_rows(batch: dict[str, Any], size: int | None) -> list[dict[str, Any]]:
              for k, v in batch.items()} for i in range(0, n, size)]
 
 
-class LaplacePosterior(MapLora):
+class LaplacePosterior(Posterior):
     """The one fit -> tune -> predict flow of both Laplace methods, on the (cached) MAP adapter.
 
     fit: MAP adapter -> memory check of ``laplace_model``'s trainable parameters -> laplace-torch
@@ -232,7 +231,7 @@ class LaplacePosterior(MapLora):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.config.check()
+        self.map = MapAdapter(self)
         self.la: Any = None
 
     # ------------------------------------------------------------------ hooks
@@ -254,8 +253,8 @@ class LaplacePosterior(MapLora):
 
     # ------------------------------------------------------------------ the flow
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        report = super().fit(backbone, train, val)
-        backbone.use_adapter(self.adapter_name)  # only this adapter's LoRA parameters require grad
+        report = map_fit_report(self.map.fit(backbone, train, val))
+        self.map.use()  # only this adapter's LoRA parameters require grad
         model = self.laplace_model(train)
         params = [p for p in model.parameters() if p.requires_grad]
         factor_bytes = check_memory(params, self.config, backbone.device)
@@ -270,8 +269,7 @@ class LaplacePosterior(MapLora):
         return report
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
-        backbone = self.require_backbone()
-        backbone.use_adapter(self.adapter_name)
+        backbone = self.map.use()
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
         with differentiable_attention():  # the GLM predictive differentiates the backbone
             return collect_predictive(
@@ -281,10 +279,10 @@ class LaplacePosterior(MapLora):
                 desc=self.name, inference_mode=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "laplace": self.la.state_dict()}
+        return {"adapter": self.map.state(), "laplace": self.la.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.require_backbone().use_adapter(self.adapter_name)
+        self.map.restore(state["adapter"])
+        self.map.use()
         self.la = build_laplace(self.laplace_model(None), self.config, self.dict_key_x)
         self.la.load_state_dict(state["laplace"])

@@ -70,7 +70,7 @@ class LastLayerLaplace(LaplacePosterior):
     def _feature_loader(self, split: EncodedSplit) -> DataLoader:
         """Cached MAP-adapter features phi(x) of ``split``: the backbone runs once per example, ever."""
         features = cached_features(self.require_backbone(), split, self.config.train.eval_batch_size,
-                                   self.adapter_name, self.artifacts)
+                                   self.map.name, self.artifacts)
         return features.loader(self.config.train.eval_batch_size)
 
     def laplace_model(self, train: EncodedSplit | None) -> nn.Module:

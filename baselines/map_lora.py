@@ -6,15 +6,14 @@ Gaussian prior realised as AdamW's decoupled weight decay (docs/methods.md). Det
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from torch.utils.data import DataLoader
 
 from bayeslora import FitReport, Posterior, Predictive
-from bayeslora.adapters import fit_lora_adapter
+from bayeslora.adapters import MapAdapter, map_fit_report
 from bayeslora.backbone import Backbone
-from bayeslora.config import AdapterConfig, TrainSettings
+from bayeslora.config import AdapterConfig
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
 
@@ -52,35 +51,27 @@ class MapLora(Posterior):
     deterministic = True
     weight_decay: float | None = None  # None: use train.weight_decay
 
-    def train_settings(self) -> TrainSettings:
-        if self.weight_decay is None:
-            return self.config.train
-        return dataclasses.replace(self.config.train, weight_decay=self.weight_decay)
+    def __init__(self, config: Any = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.map = MapAdapter(self, weight_decay=self.weight_decay)
 
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.attach_for_training(backbone)
-        fit = fit_lora_adapter(backbone, self.adapter_name, self.config.lora, self.train_settings(), train, val,
-                               self.seed, self.artifacts)
-        return FitReport(
-            trainable_params=fit.trainable_params,
-            posterior_params=0,
-            train_steps=fit.result.steps,
-            reused_cache=fit.reused,
-            extra={"best_val_nll": fit.result.best_val_nll, "train_seconds": fit.result.seconds,
-                   "train_tokens": fit.result.tokens, "train_peak_mem_mb": fit.result.peak_mem_mb},
-        )
+        return map_fit_report(self.map.fit(backbone, train, val))
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
-        backbone = self.require_backbone()
-        backbone.use_adapter(self.adapter_name)
-        return collect_predictive(backbone, loader, lambda b: backbone.class_logits(b)[:, None], desc=self.name)
+        return map_predict(self.map, loader, self.name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"adapter": self.require_backbone().adapter_state(self.adapter_name)}
+        return {"adapter": self.map.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        backbone = self.require_backbone()
-        backbone.restore_adapter(self.adapter_name, self.config.lora, state["adapter"])
+        self.map.restore(state["adapter"])
+
+
+def map_predict(adapter: MapAdapter, loader: DataLoader, desc: str) -> Predictive:
+    """The deterministic predictive (S = 1) of a MAP adapter."""
+    backbone = adapter.use()
+    return collect_predictive(backbone, loader, lambda b: backbone.class_logits(b)[:, None], desc=desc)
 
 
 class MleLora(MapLora):

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, Predictive
+from bayeslora import ConfigError, FitReport, Posterior, Predictive
+from bayeslora.adapters import MapAdapter, map_fit_report
 from bayeslora.backbone import Backbone
 from bayeslora.config import PositiveInt
 from bayeslora.data import EncodedSplit, make_loader
-from bayeslora.predict import collect_predictive
 
-from .map_lora import AdapterConfig, MapLora
+from .map_lora import AdapterConfig, map_predict
 
 
 @dataclass
@@ -52,7 +52,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return temperature, before, after
 
 
-class TemperatureScaling(MapLora):
+class TemperatureScaling(Posterior):
     """MAP LoRA with one temperature fitted on the validation split."""
 
     name = "temperature"
@@ -62,32 +62,28 @@ class TemperatureScaling(MapLora):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
+        self.map = MapAdapter(self)
         self.temperature = 1.0
 
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         if val is None or len(val) == 0:
             raise ConfigError("temperature scaling needs a validation split: set data.max_val > 0 in the suite")
-        report = super().fit(backbone, train, val)
-        val_logits = self._map_predict(make_loader(val, self.config.train.eval_batch_size))
+        report = map_fit_report(self.map.fit(backbone, train, val))
+        val_logits = map_predict(self.map, make_loader(val, self.config.train.eval_batch_size), self.name)
         self.temperature, before, after = fit_temperature(val_logits.logits[:, 0], val_logits.labels,
                                                           self.config.max_iter)
         report.posterior_params = 1
         report.extra.update({"temperature": self.temperature, "val_nll_map": before, "val_nll_scaled": after})
         return report
 
-    def _map_predict(self, loader: DataLoader) -> Predictive:
-        backbone = self.require_backbone()
-        backbone.use_adapter(self.adapter_name)
-        return collect_predictive(backbone, loader, lambda b: backbone.class_logits(b)[:, None], desc=self.name)
-
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
-        predictive = self._map_predict(loader)
+        predictive = map_predict(self.map, loader, self.name)
         predictive.logits = predictive.logits / self.temperature
         return predictive
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "temperature": self.temperature}
+        return {"adapter": self.map.state(), "temperature": self.temperature}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        self.map.restore(state["adapter"])
         self.temperature = float(state["temperature"])

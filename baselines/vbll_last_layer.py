@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from bayeslora import FitReport, Predictive, ResourceNeeds
+from bayeslora import FitReport, Posterior, Predictive, ResourceNeeds
+from bayeslora.adapters import MapAdapter, map_fit_report
 from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
@@ -25,7 +26,7 @@ from bayeslora.features import FeatureSet, adapter_context, cached_features, che
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainResult, train
 
-from .map_lora import AdapterConfig, MapLora
+from .map_lora import AdapterConfig
 from .vbll_head import VbllHead, VbllHeadHooks, VbllSettings
 
 FEATURE_SOURCES = ("map", "base")
@@ -43,7 +44,7 @@ class VbllConfig(AdapterConfig):
     prior_scale_grid: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0])
 
 
-class VbllLastLayer(MapLora):
+class VbllLastLayer(Posterior):
     """Variational Bayesian last layer over the K answer classes; one backbone pass, S head samples."""
 
     name = "vbll"
@@ -62,18 +63,19 @@ class VbllLastLayer(MapLora):
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         check_choice("vbll features", self.config.features, FEATURE_SOURCES)
-        self.config.vbll.check()
+        self.map = MapAdapter(self) if self.config.features == "map" else None
+        """The MAP adapter the features come from; None: the frozen model's features."""
         self.head: VbllHead | None = None
         self.prior_scale = self.config.vbll.prior_scale
         self.answer_ids: torch.Tensor | None = None
 
     @property
     def feature_adapter(self) -> str | None:
-        return self.adapter_name if self.config.features == "map" else None
+        return self.map.name if self.map is not None else None
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        report = super().fit(backbone, train_split, val) if self.config.features == "map" else FitReport()
         self.attach_for_training(backbone)
+        report = map_fit_report(self.map.fit(backbone, train_split, val)) if self.map is not None else FitReport()
         batch_size = self.config.train.eval_batch_size
         train_features = cached_features(backbone, train_split, batch_size, self.feature_adapter, self.artifacts)
         val_loader = None
@@ -116,14 +118,14 @@ class VbllLastLayer(MapLora):
             return collect_predictive(backbone, loader, sample, desc=self.name)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict() if self.config.features == "map" else {}
+        state = {"adapter": self.map.state()} if self.map is not None else {}
         return {**state, "head": self.head.state_dict(), "answer_ids": self.answer_ids,
                 "prior_scale": self.prior_scale,
                 "regularization_weight": self.head.layer.regularization_weight}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.config.features == "map":
-            super().load_state_dict(state)
+        if self.map is not None:
+            self.map.restore(state["adapter"])
         backbone = self.require_backbone()
         self.answer_ids = state["answer_ids"]
         self.prior_scale = state["prior_scale"]

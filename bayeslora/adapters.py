@@ -7,6 +7,7 @@ anchors, temperature scaling, ...).
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from .backbone import Backbone
 from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain, train_key
 from .data import EncodedSplit, fit_loaders
 from .identity import source_digest
+from .posterior import FitReport
 from .training import TrainingHooks, TrainResult, train
 
 
@@ -115,3 +117,51 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
                   "best_val_nll": result.best_val_nll, "history": result.history, "tokens": result.tokens}
         artifacts.save(cache_kind, key, {"adapter": backbone.adapter_state(name), "result": record})
     return AdapterFit(name, n_params, result, reused=False)
+
+
+class MapAdapter:
+    """The (cached) MAP adapter a posterior starts from, held by composition.
+
+    ``fit`` trains it through the shared loop with the owner's ``lora`` and ``train`` settings (``train``'s
+    weight decay replaced by ``weight_decay`` when given), or loads the cached adapter with the same key;
+    ``use`` activates it; ``state`` / ``restore`` carry its weights through the owner's state_dict and
+    load_state_dict. It is named by its owner (``name``, default the owner's ``adapter_name``), so the
+    owner's ``release()`` deletes it.
+    """
+
+    def __init__(self, owner: Any, weight_decay: float | None = None, name: str | None = None,
+                 seed: int | None = None):
+        self.owner = owner
+        self.weight_decay = weight_decay
+        self.name = name or owner.adapter_name
+        self.seed = owner.seed if seed is None else seed
+
+    def train_settings(self) -> TrainSettings:
+        train = self.owner.config.train
+        return train if self.weight_decay is None else dataclasses.replace(train, weight_decay=self.weight_decay)
+
+    def fit(self, backbone: Backbone, train_split: EncodedSplit, val_split: EncodedSplit | None) -> AdapterFit:
+        """Train (or load from the owner's artifact store) the adapter on ``backbone``."""
+        self.owner.attach_for_training(backbone)
+        return fit_lora_adapter(backbone, self.name, self.owner.config.lora, self.train_settings(), train_split,
+                                val_split, self.seed, self.owner.artifacts)
+
+    def use(self) -> Backbone:
+        """The owner's backbone with this adapter active."""
+        backbone = self.owner.require_backbone()
+        backbone.use_adapter(self.name)
+        return backbone
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.owner.require_backbone().adapter_state(self.name)
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.owner.require_backbone().restore_adapter(self.name, self.owner.config.lora, state)
+
+
+def map_fit_report(fit: AdapterFit) -> FitReport:
+    """What training (or loading) one MAP adapter cost, as a FitReport the owner extends."""
+    return FitReport(trainable_params=fit.trainable_params, posterior_params=0, train_steps=fit.result.steps,
+                     reused_cache=fit.reused,
+                     extra={"best_val_nll": fit.result.best_val_nll, "train_seconds": fit.result.seconds,
+                            "train_tokens": fit.result.tokens, "train_peak_mem_mb": fit.result.peak_mem_mb})

@@ -59,8 +59,8 @@ def test_map_adapter_is_cached_and_reused(tmp_path, tiny_backbone, toy_splits, f
 
 
 def test_mle_differs_from_map_only_by_weight_decay(fast_adapter_config):
-    assert get_method("mle").weight_decay == 0.0
-    assert get_method("map")(fast_adapter_config).train_settings().weight_decay == fast_adapter_config[
+    assert get_method("mle")(fast_adapter_config).map.train_settings().weight_decay == 0.0
+    assert get_method("map")(fast_adapter_config).map.train_settings().weight_decay == fast_adapter_config[
         "train"].weight_decay
 
 
