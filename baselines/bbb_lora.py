@@ -36,9 +36,9 @@ from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNee
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
 from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import AdapterConfig, check_choice
-from bayeslora.data import EncodedSplit, fit_loaders
+from bayeslora.data import EncodedSplit
 from bayeslora.predict import predict_with_weights
-from bayeslora.training import TrainResult, final_train_loss, train
+from bayeslora.training import TrainResult, final_train_loss, train_seeded
 
 INITS = ("lora", "map")
 
@@ -162,12 +162,12 @@ class BbbLora(Posterior):
                              self.artifacts)
         else:
             backbone.add_lora(self.adapter_name, self.config.lora, seed=self.seed)
-        torch.manual_seed(self.seed)
-        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
-        self._build(backbone, len(train_split))
-        hooks = BbbHooks(backbone, self.model, self.guide, self.config.elbo_particles)
-        result = self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
-                                           desc=f"train {self.name}")
+        def make_hooks(loader: DataLoader) -> BbbHooks:
+            self._build(backbone, len(train_split))  # the guide's init draws follow from the seed
+            return BbbHooks(backbone, self.model, self.guide, self.config.elbo_particles)
+
+        result = self.train_result = train_seeded(make_hooks, train_split, val, settings, self.seed,
+                                                  backbone.device, desc=f"train {self.name}")
         n_lora = sum(int(torch.Size(s).numel()) for s in self.model.shapes.values())
         return FitReport(trainable_params=2 * n_lora,
                          posterior_params=2 * n_lora, train_steps=result.steps,

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from bayeslora import Posterior, Predictive
 from bayeslora.backbone import Backbone
-from bayeslora.data import EncodedSplit, fit_loaders
+from bayeslora.data import EncodedSplit
 from bayeslora.predict import collect_predictive
-from bayeslora.training import TrainingHooks, TrainResult, train
+from bayeslora.training import TrainingHooks, TrainResult, train_seeded
 
 from .hooked_adapter import HookedAdapter
 
@@ -58,13 +58,11 @@ class HookedAdapterPosterior(Posterior):
         self.attach_for_training(backbone)
         self._build(backbone)
         settings = self.config.train
-        torch.manual_seed(self.seed)
-        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
-        hooks = self.make_hooks(backbone, len(train_split), len(loader))
         self.adapter.generator = None
         with backbone.adapters_disabled(), self.adapter.active():
-            self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
-                                      desc=f"train {self.name}")
+            self.train_result = train_seeded(lambda loader: self.make_hooks(backbone, len(train_split), len(loader)),
+                                             train_split, val, settings, self.seed, backbone.device,
+                                             desc=f"train {self.name}")
         return self.train_result
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:

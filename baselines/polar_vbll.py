@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
 from bayeslora.backbone import Backbone, lora_parameter_count, target_modules
 from bayeslora.config import check_choice
-from bayeslora.data import EncodedSplit, fit_loaders
+from bayeslora.data import EncodedSplit
 from bayeslora.features import check_answer_ids, feature_batch
 from bayeslora.predict import collect_predictive
-from bayeslora.training import TrainingHooks, TrainResult, train
+from bayeslora.training import TrainingHooks, TrainResult, train_seeded
 
 from .map_lora import AdapterConfig
 from .polar import PolarAdapter
@@ -128,10 +128,9 @@ class PolarVbll(Posterior):
         self._build(backbone, train_split.answer_ids, self.config.vbll.weight_for(len(train_split)))
         settings = self.config.train
         hooks = PolarVbllHooks(backbone, self.adapter, self.head, self.config, self.seed)
-        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
         with backbone.adapters_disabled(), self.adapter.active():
-            result = self.train_result = train(hooks, loader, settings, backbone.device, val_loader,
-                                               desc=f"train {self.name}")
+            result = self.train_result = train_seeded(lambda _: hooks, train_split, val, settings, self.seed,
+                                                      backbone.device, desc=f"train {self.name}")
         for p in self.head.parameters():
             p.requires_grad_(True)
         n_adapter = sum(p.numel() for p in self.adapter.parameters())

@@ -29,9 +29,9 @@ from bayeslora import FitReport, Posterior, Predictive, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
 from bayeslora.backbone import Backbone, lora_parameter_count, target_modules
 from bayeslora.config import AdapterConfig, TrainSettings
-from bayeslora.data import EncodedSplit, fit_loaders, make_loader
+from bayeslora.data import EncodedSplit, make_loader
 from bayeslora.predict import collect_predictive
-from bayeslora.training import TrainResult, train
+from bayeslora.training import TrainResult, train, train_seeded
 
 from .lora_xs import LoraXsAdapter, lora_xs_factors
 from .swag import SwagSettings, SwagStatistics, flatten, unflatten
@@ -208,11 +208,9 @@ class BLoraXs(_SwagPosterior):
         self.attach_for_training(backbone)
         self._build(backbone)
         settings = self.config.train
-        torch.manual_seed(self.seed)
-        loader, val_loader = fit_loaders(train_split, val, settings.batch_size, settings.eval_batch_size, self.seed)
         with backbone.adapters_disabled(), self.adapter.active():
-            burn_in = train(ClassifierHooks(backbone, self.weights()), loader, settings, backbone.device, val_loader,
-                            desc=f"train {self.name}")
+            burn_in = train_seeded(lambda _: ClassifierHooks(backbone, self.weights()), train_split, val, settings,
+                                   self.seed, backbone.device, desc=f"train {self.name}")
             self.run_swa_phase(backbone, train_split)
         n_trainable = sum(p.numel() for p in self.weights().values())
         return FitReport(trainable_params=n_trainable,

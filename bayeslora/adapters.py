@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader
 from .artifacts import ArtifactStore
 from .backbone import Backbone
 from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to_plain, train_key
-from .data import EncodedSplit, fit_loaders
+from .data import EncodedSplit
 from .identity import source_digest
 from .posterior import FitReport
-from .training import TrainingHooks, TrainResult, train
+from .training import TrainingHooks, TrainResult, train_seeded
 
 
 class ClassifierHooks(TrainingHooks):
@@ -109,9 +109,8 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
         if cached is not None:
             backbone.load_adapter_state(name, cached["adapter"])
             return AdapterFit(name, n_params, TrainResult(**cached["result"]), reused=True)
-    torch.manual_seed(seed)
-    loader, val_loader = fit_loaders(train_split, val_split, settings.batch_size, settings.eval_batch_size, seed)
-    result = train(hooks_cls(backbone, params), loader, settings, backbone.device, val_loader, desc=f"train {name}")
+    result = train_seeded(lambda _: hooks_cls(backbone, params), train_split, val_split, settings, seed,
+                          backbone.device, desc=f"train {name}")
     if artifacts is not None and key is not None:
         record = {"steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
                   "best_val_nll": result.best_val_nll, "history": result.history, "tokens": result.tokens}

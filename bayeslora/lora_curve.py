@@ -44,14 +44,14 @@ from .config import (
     check_choice,
 )
 from .curve import BezierCurve, Weights, interpolate, num_control_points
-from .data import EncodedSplit, fit_loaders
+from .data import EncodedSplit
 from .errors import ConfigError
 from .metrics import log_predictive
 from .paths import WeightPath
 from .posterior import FitReport, Posterior, ResourceNeeds
 from .predict import predict_with_weights
 from .predictive import Predictive
-from .training import TrainingHooks, train
+from .training import TrainingHooks, train_seeded
 
 PREDICT_T_SEED_OFFSET, PREDICT_NOISE_SEED_OFFSET = 7919, 104729
 """Test-time draws (sampled t, perturbations) use their own generators, seeded from the run seed, so a
@@ -233,10 +233,9 @@ class LoraCurve(Posterior):
             reused, anchor_steps = False, 0
         self.curve = curve.to(backbone.device)
         backbone.add_lora(self.adapter_name, cfg.lora, seed=self.seed)
-        loader, val_loader = fit_loaders(train_split, val, cfg.train.batch_size, cfg.train.eval_batch_size, self.seed)
-        hooks = CurveHooks(backbone, self.adapter_name, self.curve, cfg, self.seed)
-        result = train(hooks, loader, cfg.curve_train_settings(), backbone.device, val_loader,
-                       desc=f"train {self.adapter_name}")
+        result = train_seeded(lambda _: CurveHooks(backbone, self.adapter_name, self.curve, cfg, self.seed),
+                              train_split, val, cfg.curve_train_settings(), self.seed, backbone.device,
+                              desc=f"train {self.adapter_name}")
         point_size = sum(w.numel() for w in self.curve.control_point(0).values())
         return FitReport(
             trainable_params=sum(p.numel() for p in self.curve.trainable_parameters()),

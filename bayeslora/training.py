@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .attention import differentiable_attention
 from .config import TrainSettings, check_choice
+from .data import EncodedSplit, fit_loaders
 from .errors import ConfigError, TrainingError
 from .profiling import peak_memory_mb, phase, reset_peak_memory
 
@@ -81,6 +82,17 @@ class TrainResult:
     """Prompt tokens (attention-mask ones, padding excluded) in the minibatches this process trained on."""
     peak_mem_mb: float = 0.0
     """Peak accelerator memory allocated while training (the process's peak RSS on CPU)."""
+
+
+def train_seeded(make_hooks: Callable[[DataLoader], TrainingHooks], train_split: EncodedSplit,
+                 val_split: EncodedSplit | None, settings: TrainSettings, seed: int, device: torch.device,
+                 desc: str = "train") -> TrainResult:
+    """The shared loop with everything random fixed by ``seed``: ``torch.manual_seed(seed)``, the seeded
+    shuffling and validation loaders (:func:`bayeslora.data.fit_loaders`), then ``make_hooks(loader)``
+    (built after seeding, so the hooks' own random draws follow from ``seed`` too) trained by :func:`train`."""
+    torch.manual_seed(seed)
+    loader, val_loader = fit_loaders(train_split, val_split, settings.batch_size, settings.eval_batch_size, seed)
+    return train(make_hooks(loader), loader, settings, device, val_loader, desc=desc)
 
 
 def final_train_loss(result: TrainResult) -> float:
