@@ -39,12 +39,14 @@ CORE_PACKAGE = "bayeslora"
 
 # ------------------------------------------------------------------------------------------- code
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop every bare string statement (module, class and function docstrings, field docstrings): they
+    do nothing, so editing them must not change a digest."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                            and isinstance(s.value.value, str))]
+            node.body = kept or [ast.Pass()]
     return tree
 
 

@@ -434,3 +434,21 @@ def test_a_truncated_local_model_is_named_not_a_traceback(tmp_path, tiny_backbon
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(AssetError, match=str(folder)):
         load_backbone({"name": str(folder), "max_length": 64})
+
+
+def test_docstrings_and_comments_do_not_change_a_source_digest(tmp_path, monkeypatch):
+    package = tmp_path / "digest_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    body = '"""Module doc."""\n\nclass C:\n    """Doc."""\n\n    x: int = 1\n    """Field doc."""\n\n' \
+           '    def f(self):  # a comment\n        return 1\n'
+    (package / "m.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = source_digest("digest_pkg.m", ("digest_pkg",))
+    (package / "m.py").write_text(body.replace("Field doc.", "Other words.").replace("# a comment", "# edited"))
+    source_digest.cache_clear()
+    assert source_digest("digest_pkg.m", ("digest_pkg",)) == first
+    (package / "m.py").write_text(body.replace("return 1", "return 2"))
+    source_digest.cache_clear()
+    assert source_digest("digest_pkg.m", ("digest_pkg",)) != first
+    source_digest.cache_clear()
