@@ -132,9 +132,13 @@ class BayesianLoraConfig(AdapterConfig):
     ``lora.target_modules`` defaults to q_proj (the authors' setting; suites may override)."""
 
     lora: LoraSettings = field(default_factory=_default_lora)
+    """The LoRA factors that become inducing-weight layers (default q_proj)."""
     inducing: InducingSettings = field(default_factory=InducingSettings)
+    """The inducing-weight posterior of each factor."""
     answer_head: bool = True
+    """Also put the posterior over the answer head's LoRA factors."""
     kl_weight: float = 1.0
+    """beta in CE + beta KL / N."""
 
     def check(self) -> None:
         self.inducing.check()

@@ -49,9 +49,13 @@ class BbbConfig(AdapterConfig):
     the guide's initial std; ``elbo_particles``: Monte Carlo samples of the likelihood term per step."""
 
     prior_std: float = 0.2
+    """beta, the std of the Gaussian prior on A and B."""
     init: str = "lora"
+    """Where the guide's means start: lora (peft's init) or map."""
     init_scale: float = 1e-3
+    """The guide's initial std."""
     elbo_particles: int = 1
+    """Monte Carlo samples of the likelihood term per step."""
 
     def check(self) -> None:
         check_choice("bbb_lora init", self.init, INITS)

@@ -113,10 +113,15 @@ class BlobConfig(AdapterConfig):
     ``samples_per_forward``: posterior samples stacked into one batched forward at prediction."""
 
     prior_std: float = 0.2
+    """Std of the Gaussian prior on A."""
     init_std_eps: float = 0.05
+    """epsilon: G starts uniform in (epsilon/sqrt 2, epsilon)."""
     kl_weighting: str = "constant"
+    """KL weight per minibatch: constant (1/N) or minibatch (pi_i)."""
     std_lr: float | None = None
+    """Learning rate of G (None: train.lr)."""
     samples_per_forward: int = 1
+    """Posterior samples stacked into one batched forward."""
 
     def check(self) -> None:
         check_choice("blob kl_weighting", self.kl_weighting, KL_WEIGHTINGS)

@@ -29,6 +29,7 @@ class EnsembleConfig(AdapterConfig):
     """``members``: M, the number of independently trained adapters (papers use 3-5)."""
 
     members: PositiveInt = 5
+    """M, the number of independently trained adapters."""
 
 
 class DeepEnsemble(Posterior):

@@ -58,17 +58,29 @@ class InducingSettings(Validated):
     ``max_q_std``: std of q(u) at the start and its bound (diagonal q); ``init_d``: initial D_r, D_c."""
 
     rows: int = 9
+    """Rows of the inducing matrix U."""
     cols: int = 9
+    """Columns of the inducing matrix U."""
     q_inducing: str = "diagonal"
+    """q(U): diagonal, full, or flow (an affine autoregressive flow)."""
     prior_std: float = 0.1
+    """sigma_p, the prior scale of the factor."""
     sqrt_width_scaling: bool = True
+    """Divide sigma_p by sqrt(d_in)."""
     init_lambda: float = 1e-3
+    """Initial conditional noise scale lambda."""
     max_lambda: float = 0.03
+    """Upper bound of lambda."""
     learn_lambda: bool = True
+    """Train lambda (else keep it at init_lambda)."""
     init_q_std: float = 1e-3
+    """Initial std of q(U) (diagonal q)."""
     max_q_std: float = 0.1
+    """Upper bound of q(U)'s std (diagonal q)."""
     init_d: float = 1e-3
+    """Initial D_r and D_c of the Kronecker prior."""
     flow_hidden: int | None = None
+    """Hidden width of the flow (None: rows x cols)."""
 
     def check(self) -> None:
         check_choice("bayesian_lora q_inducing", self.q_inducing, Q_INDUCING)

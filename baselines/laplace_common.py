@@ -58,15 +58,25 @@ class LaplaceSettings(Validated):
     The mirror images need f_mu, which costs one extra forward of the LogitsModel per chunk."""
 
     hessian_structure: str = "kron"
+    """GGN structure: kron (K-FAC), diag or full."""
     prior_precision: PositiveFloat = 1.0
+    """Scalar prior precision lambda (the start for marglik; kept with none)."""
     prior_method: str = "marglik"
+    """How lambda is chosen: marglik, gridsearch (validation NLL) or none."""
     prior_steps: NonNegativeInt = 100
+    """Adam steps on log lambda (marglik)."""
     prior_lr: PositiveFloat = 0.1
+    """Adam's learning rate on log lambda (marglik)."""
     grid: list[PositiveFloat] = field(default_factory=lambda: [10.0 ** e for e in range(-4, 5)])
+    """Values of lambda tried by gridsearch."""
     memory_fraction: Annotated[float, Range(gt=0, le=1)] = 0.9
+    """Share of free memory the Hessian factors may take."""
     fit_batch_size: PositiveInt = 1
+    """Batch size of the curvature pass (1 keeps padding out of K-FAC)."""
     jacobian_batch_size: PositiveInt = 1
+    """Examples per GLM Jacobian call (cost grows as its square)."""
     antithetic: bool = True
+    """Draw the S GLM samples in pairs f_mu +- L eps."""
 
     def check(self) -> None:
         check_choice("hessian_structure", self.hessian_structure, STRUCTURES)

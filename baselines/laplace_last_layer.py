@@ -47,6 +47,7 @@ class LastLayerLaplaceConfig(LaplaceSettings, AdapterConfig):
     """As Laplace-LoRA; the head is small, so the default Hessian is full."""
 
     hessian_structure: str = "full"
+    """The head is small: the full Hessian by default."""
 
 
 class LastLayerLaplace(LaplacePosterior):

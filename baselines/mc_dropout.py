@@ -29,7 +29,9 @@ class McDropoutConfig(AdapterConfig):
     ``samples_per_forward``: samples stacked into one batched forward (memory for speed)."""
 
     p: Fraction | None = None
+    """Test-time dropout rate (None: lora.dropout)."""
     samples_per_forward: PositiveInt = 1
+    """Samples stacked into one batched forward."""
 
 
 class McDropout(Posterior):

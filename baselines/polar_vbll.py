@@ -42,10 +42,15 @@ class PolarVbllConfig(AdapterConfig):
     trains inside the adapter's loop)."""
 
     schedule: str = "alternate"
+    """alternate (adapter and head steps in turn) or joint."""
     landing_strength: float = 1.0
+    """lambda of the landing field that keeps X and Y orthonormal."""
     head_lr: float = 1e-2
+    """Learning rate of the VBLL head."""
     stiefel_lr: float | None = None
+    """Learning rate of X and Y (None: train.lr)."""
     vbll: VbllSettings = field(default_factory=VbllSettings)
+    """The head (its head_train is not used)."""
 
     def check(self) -> None:
         check_choice("polar_vbll schedule", self.schedule, SCHEDULES)

@@ -37,12 +37,19 @@ class SwagSettings(Validated):
     deviations kept; ``scale``: s; ``covariance``: low_rank | diagonal."""
 
     epochs: float = 1.0
+    """Length of the SWA phase after the burn-in, in epochs."""
     lr: float | None = None
+    """The SWA phase's constant learning rate (None: train.lr)."""
     collect_every: int | None = None
+    """Optimiser steps between snapshots (None: K + 1 spread over the phase)."""
     max_rank: int = 10
+    """K, the number of deviations kept."""
     scale: float = 0.5
+    """s, the covariance scale of the samples."""
     covariance: str = "low_rank"
+    """low_rank (SWAG) or diagonal (SWAG-diag)."""
     var_clamp: float = 1e-30
+    """Floor of the diagonal variance."""
 
     def check(self) -> None:
         check_choice("swag covariance", self.covariance, COVARIANCES)

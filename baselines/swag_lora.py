@@ -42,6 +42,7 @@ class SwagConfig(AdapterConfig):
     """Adapter + training settings of the burn-in, and ``swag``: the SWA phase and the Gaussian."""
 
     swag: SwagSettings = field(default_factory=SwagSettings)
+    """The SWA phase and the SWAG Gaussian."""
 
     def check(self) -> None:
         self.swag.check()
@@ -53,6 +54,7 @@ class BLoraXsConfig(SwagConfig):
     the scale alpha/r; ``lora.dropout`` is not used."""
 
     init_std: float = 1e-5
+    """Std of R at init."""
 
 
 class SwagHooks(ClassifierHooks):

@@ -28,6 +28,7 @@ class TemperatureConfig(AdapterConfig):
     """``max_iter``: L-BFGS iterations for log T."""
 
     max_iter: PositiveInt = 100
+    """L-BFGS iterations of the temperature fit."""
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> tuple[float, float, float]:

@@ -53,13 +53,21 @@ class VbllSettings(Validated):
     dense covariances were 40x slower without a better validation NLL."""
 
     parameterization: str = "diagonal"
+    """Covariance of each class's weights: diagonal, dense or lowrank."""
     cov_rank: int = 3
+    """Rank of the lowrank covariance."""
     prior_scale: float = 10.0
+    """Prior N(0, prior_scale * 2/H I) on the head's weights."""
     wishart_scale: float = 1.0
+    """Scale of the Wishart prior on the logit noise."""
     dof: float = 1.0
+    """Degrees of freedom of the Wishart prior."""
     regularization_weight: float | None = None
+    """The ELBO's regulariser weight w (None: 1/N)."""
     init: str = "answer_rows"
+    """Mean's start: answer_rows (the LM-head rows) or random (vbll's init)."""
     head_train: TrainSettings = field(default_factory=head_train_defaults)
+    """The head's own training settings."""
 
     def weight_for(self, num_train: int) -> float:
         """The ELBO's regulariser weight w: ``regularization_weight``, or 1/N."""

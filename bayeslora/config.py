@@ -362,7 +362,9 @@ class AdapterConfig(Validated):
     suite's ``lora:`` and ``train:`` sections (method-level overrides win)."""
 
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapter: the suite's ``lora:`` with the method's overrides."""
     train: TrainSettings = field(default_factory=TrainSettings)
+    """Its training: the suite's ``train:`` with the method's overrides."""
 
 
 def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -72,18 +72,31 @@ class LoraCurveConfig(AdapterConfig):
     """
 
     mode: str = "anchored"
+    """anchored (MAP adapters as fixed anchors) or free (every point trained)."""
     anchors: PositiveInt = 3
+    """M, the number of anchors."""
     degree: PositiveInt = 2
+    """n, the degree of each Bezier segment."""
     t_per_step: PositiveInt = 2
+    """m, curve points per minibatch."""
     t_sampling: str = "uniform"
+    """How the m points are drawn: uniform or stratified."""
     js_weight: NonNegativeFloat = 0.1
+    """lambda_JS, the weight of the Jensen-Shannon term (0: off)."""
     perturbation: NonNegativeFloat = 0.0
+    """sigma of the flat-minima noise on phi(t) (0: off)."""
     perturbation_scale: str = "weight_norm"
+    """sigma is absolute or relative to each factor's RMS (weight_norm)."""
     predict_points: str = "grid"
+    """The S prediction points: a grid over [0, 1] or sampled."""
     predict_perturbation: bool = False
+    """Add the flat-minima noise at test time too."""
     val_points: PositiveInt = 5
+    """Curve points of the validation predictive (early stopping)."""
     curve_lr: PositiveFloat | None = None
+    """The curve stage's learning rate (None: train.lr)."""
     curve_epochs: PositiveFloat | None = None
+    """The curve stage's epochs (None: train.epochs)."""
 
     def curve_train_settings(self) -> TrainSettings:
         changes = {"lr": self.curve_lr, "epochs": self.curve_epochs}

@@ -45,9 +45,13 @@ class PathSettings(Validated):
     config_name: ClassVar[str] = "path"
 
     points: int = 21
+    """T, the number of values of t in [0, 1]."""
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    """Which of train, val, test."""
     max_examples: int | None = None
+    """The first N examples of each split (None: all)."""
     batch_size: int = 16
+    """Evaluation batch size."""
 
     def check(self) -> None:
         if self.points < 2:

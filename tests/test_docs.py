@@ -60,3 +60,43 @@ def test_nothing_cites_documents_outside_the_repository():
               and re.search(r"METHODS\.md|shared/docs", p.read_text())]
     citing += [p.name for p in DOCS if re.search(r"METHODS\.md|shared/docs", p.read_text())]
     assert not citing, citing
+
+
+def settings_classes() -> set[type]:
+    """The core settings, every registered method's Config, and the settings dataclasses nested in them."""
+    import dataclasses
+    import typing
+
+    from bayeslora import available_methods
+    from bayeslora.config import DataSettings, LoraSettings, ModelSettings, TrainSettings
+    from bayeslora.paths import PathSettings
+
+    todo = [ModelSettings, LoraSettings, TrainSettings, DataSettings, PathSettings,
+            *(cls.Config for cls in available_methods().values())]
+    found: set[type] = set()
+    while todo:
+        cls = todo.pop()
+        for klass in cls.__mro__:
+            if dataclasses.is_dataclass(klass) and klass.__module__.split(".")[0] in ("bayeslora", "baselines") \
+                    and klass not in found:
+                found.add(klass)
+                for hint in typing.get_type_hints(klass).values():
+                    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                        todo.append(hint)
+    return found
+
+
+def test_every_settings_field_has_a_one_line_docstring():
+    import ast
+    import inspect
+
+    undocumented = []
+    for cls in settings_classes():
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for stmt, nxt in zip(body, [*body[1:], None], strict=True):
+            if isinstance(stmt, ast.AnnAssign) and "ClassVar" not in ast.unparse(stmt.annotation):
+                documented = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                    and isinstance(nxt.value.value, str)
+                if not documented:
+                    undocumented.append(f"{cls.__name__}.{ast.unparse(stmt.target)}")
+    assert len(settings_classes()) > 15 and not undocumented, undocumented
