@@ -48,9 +48,7 @@ class VbllSettings(Validated):
     classifier) or vbll's random Kaiming init (random).
 
     Defaults (diagonal, prior_scale 10, head lr 1e-2 for 20 epochs) come from a validation sweep on
-    SmolLM2-135M SST-2 features (benchmarks/RESULTS.md): LLM features have norms of ~40, so vbll's
-    unit prior_scale (prior logit std ~2.6 there) shrinks the head hard at N of a few hundred, and
-    dense covariances were 40x slower without a better validation NLL."""
+    SmolLM2-135M SST-2 features; the sweep and its reasons are in benchmarks/RESULTS.md."""
 
     parameterization: str = "diagonal"
     """Covariance of each class's weights: diagonal, dense or lowrank."""

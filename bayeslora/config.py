@@ -183,8 +183,7 @@ class ModelSettings(Validated):
     ``random_init`` builds an untrained model from a small config in code (tests, timing).
     ``trunk_cache``: auto (when every adapter sits in layers >= L, layers < L are computed once per
     prompt and reused; see :mod:`bayeslora.trunk`) or off (always the full forward).
-    ``compile``: ``torch.compile`` each decoder layer (dynamic shapes); it did not pay in the measured
-    benchmark runs on an H100 (compilation and recompiles outweigh the gain), see RESULTS.md.
+    ``compile``: ``torch.compile`` each decoder layer (dynamic shapes); measured in benchmarks/RESULTS.md.
     """
 
     config_name: ClassVar[str] = "model"
