@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LoraSettings, ModelSettings
-from .errors import AssetError, ConfigError
+from .errors import AssetError, ConfigError, first_line
 from .model_source import check_model_source, resolve_model_path
 from .predictive import MASKED_LOGIT
 from .profiling import phase
@@ -487,8 +487,7 @@ def _load_pretrained(path: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers raise many kinds
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AssetError(f"the model folder {path} does not load ({type(exc).__name__}: {reason}); its weight "
+        raise AssetError(f"the model folder {path} does not load ({type(exc).__name__}: {first_line(exc)}); its weight "
                          f"files may be truncated or damaged: copy them again (for the bundled model, run "
                          f"`bayeslora assets`)") from exc
 

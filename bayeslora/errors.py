@@ -1,6 +1,12 @@
 """Exceptions raised for bad input. Each message names the offending field and the fix."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), cut to ``limit`` characters,
+    for one-line errors that wrap a library's."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 class BayesLoraError(Exception):
     """Base class of every error this package raises on purpose."""
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import BayesLoraError
+from .errors import BayesLoraError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,8 @@ def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load means the file cannot be trusted
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DamagedFileError(f"{path} does not load as a bayeslora file ({type(exc).__name__}: {reason[:200]})") \
-            from exc
+        raise DamagedFileError(f"{path} does not load as a bayeslora file ({type(exc).__name__}: "
+                               f"{first_line(exc)})") from exc
 
 
 def value_digest(value: Any) -> str:
@@ -141,7 +140,7 @@ def _feed(h: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(value, dict):
         h.update(f"D{len(value)}".encode())
         for k in sorted(value, key=str):
@@ -201,13 +200,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _one_file_digest(path: Path) -> str:
+def _one_file_digest(path: Path, memo: dict[str, str]) -> str:
     st = path.stat()
     memo_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    memo = _load_memo()
     if memo_key not in memo:
         memo[memo_key] = sha256_of(path)
-        _save_memo()
     return memo[memo_key]
 
 
@@ -222,11 +219,18 @@ def files_under(path: Path) -> Iterator[Path]:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's (relative name, file sha256) pairs; memoised per file version."""
+    """sha256 of a file, or of a folder's (relative name, file sha256) pairs; memoised per file version
+    (the memo is written once per call, when it learned something)."""
     path = Path(path).expanduser()
+    memo = _load_memo()
+    known = len(memo)
     if path.is_file():
-        return _one_file_digest(path)
-    h = hashlib.sha256()
-    for p in files_under(path):
-        h.update(f"{p.relative_to(path).as_posix()}:{_one_file_digest(p)}\n".encode())
-    return h.hexdigest()
+        digest = _one_file_digest(path, memo)
+    else:
+        h = hashlib.sha256()
+        for p in files_under(path):
+            h.update(f"{p.relative_to(path).as_posix()}:{_one_file_digest(p, memo)}\n".encode())
+        digest = h.hexdigest()
+    if len(memo) > known:
+        _save_memo()
+    return digest

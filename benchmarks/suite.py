@@ -329,6 +329,7 @@ def _attach_inputs(runs: list[RunSpec]) -> None:
     each computed once per distinct model, (dataset, data settings) and method."""
     models: dict[str, Any] = {}
     data: dict[str, Any] = {}
+    code: dict[str, Any] = {}
     evaluation = evaluation_code()
     for spec in runs:
         model_key = content_hash(spec.model)
@@ -340,8 +341,10 @@ def _attach_inputs(runs: list[RunSpec]) -> None:
             if data_key not in data:
                 data[data_key] = data_identity(get_task(name), spec.data)
             sets[name] = data[data_key]
+        if spec.method.name not in code:
+            code[spec.method.name] = method_code(get_method(spec.method.name))
         spec.inputs = {"model": models[model_key], "data": sets,
-                       "code": {"method": method_code(get_method(spec.method.name)), "evaluation": evaluation}}
+                       "code": {"method": code[spec.method.name], "evaluation": evaluation}}
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..config import DataSettings
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, first_line
 from .tasks import Example, TaskSpec
 
 _CHOICE_LINE = re.compile(r"^ ([A-E])\. (.*)$")
@@ -109,8 +109,7 @@ def _read_local(path: str) -> list[dict[str, Any]]:
         else:
             rows = list(datasets.load_dataset(builder[p.suffix], data_files=str(p), split="train"))
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs the file named
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"data file {p} could not be read ({type(exc).__name__}: {reason})") from exc
+        raise DataError(f"data file {p} could not be read ({type(exc).__name__}: {first_line(exc)})") from exc
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
