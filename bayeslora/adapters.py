@@ -8,6 +8,7 @@ anchors, temperature scaling, ...).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from .config import RESULT_NEUTRAL_MODEL_FIELDS, LoraSettings, TrainSettings, to
 from .data import EncodedSplit
 from .identity import source_digest
 from .posterior import FitReport
+from .predict import predict_with_weights
+from .predictive import Predictive
 from .training import TrainingHooks, TrainResult, train_seeded
 
 
@@ -156,6 +159,17 @@ class MapAdapter:
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         self.owner.require_backbone().restore_adapter(self.name, self.owner.config.lora, state)
+
+    def predict_around(self, loader: DataLoader, num_samples: int,
+                       noise: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> Predictive:
+        """(N, S, K) logits under theta_s = theta_MAP + noise(theta_MAP, generator) for s = 1..S, one
+        backbone pass per sample (nothing is written into the model). The generator is CPU, seeded by
+        the owner's seed, so the draws repeat across devices."""
+        backbone, mean = self.use(), self.state()
+        gen = torch.Generator().manual_seed(self.seed)
+        draws = [{k: (w + noise(w.cpu(), gen).to(w.dtype).to(w.device)) for k, w in mean.items()}
+                 for _ in range(num_samples)]
+        return predict_with_weights(backbone, self.name, draws, loader, self.owner.name)
 
 
 def map_fit_report(fit: AdapterFit) -> FitReport:

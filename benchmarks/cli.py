@@ -34,11 +34,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .suite import apply_overrides, load_suite
 
     suite = load_suite(args.suite, args.set)
-    executor = None
-    if args.executor != "local":
-        from .executors import make_executor
+    from .executors import make_executor
 
-        executor = make_executor(args.executor, args.out, apply_overrides({}, args.executor_option))
+    executor = make_executor(args.executor, args.out, apply_overrides({}, args.executor_option))
     executed = Runner(suite, args.out, rerun=args.rerun).run(executor)
     print(f"{len(executed)} runs executed, {len(suite.runs) - len(executed)} already finished; "
           f"results in {args.out}/results.csv")

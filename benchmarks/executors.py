@@ -1,4 +1,13 @@
-"""Where a suite's runs execute: the local loop, a Ray cluster, or Slurm through submitit.
+"""Where a suite's runs execute: this process (:class:`LocalExecutor`), a Ray cluster, or Slurm through submitit.
+
+Every executor has one method, ``map(fn, tasks)``: it calls ``fn`` on each :class:`RunTask` somewhere and
+returns one result per task (an exception for a task that failed). The runner hands in the function (this
+module imports no runner code) and reads the results with :func:`dispatch`.
+
+The local executor runs the tasks in order in this process with the runner's own state (the loaded
+backbone, the data cache). A run that another process holds (its function returns :data:`HELD`) is put
+aside and tried again, waiting for its lock, after all the others; a run that raises stops the suite
+(finished runs are kept, and the same command resumes).
 
 A distributed executor sends each unfinished run to :func:`benchmarks.runner.run_one`, which rebuilds
 the suite from its resolved mapping inside the worker and executes that one run with a
@@ -21,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,9 @@ from bayeslora import BayesLoraError, ConfigError
 log = logging.getLogger("bayeslora.executors")
 
 EXECUTORS = ("local", "ray", "slurm")
+
+HELD = "held by another process"
+"""What a task function returns when another process holds the run and the task does not ``wait``."""
 
 class RunsFailed(BayesLoraError):
     """Some runs of a distributed suite failed; the others finished and are in the results."""
@@ -45,6 +57,25 @@ class RunTask:
     run_id: str
     rerun: list[str] = field(default_factory=list)
     """``--rerun`` values that apply to this run (it executes again although finished)."""
+    wait: bool = True
+    """Wait for the run's lock when another process holds it (off: the function returns :data:`HELD`)."""
+
+
+@dataclass
+class LocalExecutor:
+    """Every task in this process, in order; tasks held by another process are retried, waiting, at the end.
+
+    ``in_process``: the runner hands in its own bound function (sharing its loaded backbone) rather than
+    the worker entry point that rebuilds a runner from the task."""
+
+    in_process: bool = True
+
+    def map(self, fn: Callable[[RunTask], Any], items: Sequence[RunTask]) -> list[Any]:
+        results = [fn(replace(item, wait=False)) for item in items]
+        for i, item in enumerate(items):
+            if results[i] == HELD:
+                results[i] = fn(replace(item, wait=True))
+        return results
 
 
 @dataclass
@@ -111,9 +142,16 @@ class SlurmExecutor:
         return [results[i] for i in range(len(items))]
 
 
-def make_executor(name: str, out: str | Path, options: dict[str, Any] | None = None) -> RayExecutor | SlurmExecutor:
-    """A distributed executor by name; ``options`` are its dataclass fields (e.g. address, num_gpus, cluster)."""
+Executor = LocalExecutor | RayExecutor | SlurmExecutor
+
+
+def make_executor(name: str, out: str | Path, options: dict[str, Any] | None = None) -> Executor:
+    """An executor by name; ``options`` are its dataclass fields (e.g. address, num_gpus, cluster)."""
     options = dict(options or {})
+    if name == "local":
+        if options:
+            raise ConfigError(f"--executor-option {', '.join(sorted(options))}: the local executor takes no options")
+        return LocalExecutor()
     if name == "ray":
         return RayExecutor(**options)
     if name == "slurm":
@@ -122,15 +160,15 @@ def make_executor(name: str, out: str | Path, options: dict[str, Any] | None = N
     raise ConfigError(f"executor must be one of {EXECUTORS}, got {name!r}")
 
 
-def run_distributed(executor: RayExecutor | SlurmExecutor, fn: Callable[[RunTask], str], tasks: list[RunTask],
-                    titles: dict[str, str]) -> list[str]:
-    """``fn`` (the runner's ``run_one``) on every task through ``executor``; returns the finished run ids, or
-    raises :class:`RunsFailed` naming the failed ones after the others finished. This module imports no
-    runner code: the runner hands its function in."""
+def dispatch(executor: Executor, fn: Callable[[RunTask], str | None], tasks: list[RunTask],
+             titles: dict[str, str]) -> list[str]:
+    """``fn`` on every task through ``executor``; returns the ids of the runs executed (``fn`` returns a run id
+    when it executed the run, None when it found it finished), or raises :class:`RunsFailed` naming the
+    failed runs after the others finished."""
     results = executor.map(fn, tasks)
     failed = [(task, res) for task, res in zip(tasks, results, strict=True) if isinstance(res, BaseException)]
     if failed:
         lines = [f"  {titles[t.run_id]} ({t.run_id}): {type(e).__name__}: {e}" for t, e in failed]
         raise RunsFailed(f"{len(failed)} of {len(tasks)} runs failed (the others finished; run the same command "
                          f"again to retry only these):\n" + "\n".join(lines))
-    return [t.run_id for t in tasks]
+    return [res for res in results if isinstance(res, str) and res != HELD]

@@ -53,7 +53,7 @@ from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
 from bayeslora.profiling import PHASES, PhaseProfile, peak_memory_window, phase, recording
 from bayeslora.trunk import TrunkCache
 
-from .executors import RunTask, run_distributed
+from .executors import HELD, Executor, LocalExecutor, RunTask, dispatch
 from .store import METRICS, describe_files, read_run, stale_runs, write_manifest, write_results
 from .suite import RunSpec, Suite, has_paths, parse_suite
 
@@ -226,6 +226,7 @@ class Runner:
         self._backbone_key: str | None = None
         self._trunk_files_loaded: set[Path] = set()
         self._forced_done: set[str] = set()
+        self._positions: dict[str, str] = {}
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / spec.run_id
@@ -277,9 +278,9 @@ class Runner:
             log.warning("%d finished run folders under %s/runs are not in this suite (its settings, data, weights "
                         "or code changed); they stay on disk but are left out of results.csv", len(stale), self.out)
 
-    def run(self, executor: Any = None) -> list[str]:
-        """Run every unfinished run, here one after another or on ``executor`` (a
-        :class:`~benchmarks.executors.RayExecutor` or ``SlurmExecutor``); returns the ids executed now."""
+    def run(self, executor: Executor | None = None) -> list[str]:
+        """Run every unfinished run through ``executor`` (default :class:`~benchmarks.executors.LocalExecutor`:
+        here, one after another); returns the ids executed now."""
         main = distributed.is_main_process()  # under data parallelism only the main process writes
         if main:
             self.prepare()
@@ -288,33 +289,38 @@ class Runner:
         log.info("%d runs in suite %s, %d already finished", len(self.suite.runs), self.suite.name,
                  len(self.suite.runs) - len(todo))
         self.check_data(todo)
-        if executor is not None:
-            tasks = [RunTask(self.suite.raw, self.suite.name, str(self.out), s.run_id,
-                             sorted(self.rerun) if self.forced(s) else []) for s in todo]
-            print(f"dispatching {len(tasks)} runs to {type(executor).__name__}", flush=True)
-            try:
-                return run_distributed(executor, run_one, tasks, {s.run_id: s.title for s in todo})
-            finally:
-                write_results(self.out)
         if distributed.world_size() > 1:  # every process computes every run together: no claiming
             return self._run_together(todo)
-        executed, waiting = [], []
-        for i, spec in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {spec.title}", flush=True)
-            outcome = self.claim_and_execute(spec, block=False)
-            if outcome is None:
-                print("    another process is running it; coming back to it at the end", flush=True)
-                waiting.append(spec)
-            elif outcome:
-                executed.append(spec.run_id)
-                write_results(self.out)
-        for spec in waiting:
+        executor = executor or LocalExecutor()
+        tasks = [RunTask(self.suite.raw, self.suite.name, str(self.out), s.run_id,
+                         sorted(self.rerun) if self.forced(s) else []) for s in todo]
+        self._positions = {s.run_id: f"[{i}/{len(todo)}] {s.title}" for i, s in enumerate(todo, 1)}
+        here = getattr(executor, "in_process", False)  # shares this runner's state, or rebuilds one per worker
+        if not here:
+            print(f"dispatching {len(tasks)} runs to {type(executor).__name__}", flush=True)
+        try:
+            return dispatch(executor, self.run_here if here else run_one, tasks, {s.run_id: s.title for s in todo})
+        finally:
+            write_results(self.out)
+
+    def run_here(self, task: RunTask) -> str | None:
+        """The local executor's task function: claim and execute one run in this process with this runner's
+        state, then rewrite results.csv. Returns the run id when executed here, None when another process
+        finished it, :data:`~benchmarks.executors.HELD` when another process holds it and ``task.wait`` is off."""
+        spec = self.spec(task.run_id)
+        if task.wait:
             print(f"waiting for another process to finish {spec.title}", flush=True)
             self._forced_done.add(spec.run_id)  # what the other process writes is fresh: no second rerun
-            if self.claim_and_execute(spec, block=True):  # its process died or failed: executed here
-                executed.append(spec.run_id)
-        write_results(self.out)
-        return executed
+        else:
+            print(self._positions.get(spec.run_id, spec.title), flush=True)
+        outcome = self.claim_and_execute(spec, block=task.wait)
+        if outcome is None:
+            print("    another process is running it; coming back to it at the end", flush=True)
+            return HELD
+        if outcome:
+            write_results(self.out)
+            return spec.run_id
+        return None
 
     def _run_together(self, todo: list[RunSpec]) -> list[str]:
         main = distributed.is_main_process()
@@ -468,9 +474,10 @@ class Runner:
 _WORKER_RUNNERS: dict[tuple[str, str], Runner] = {}
 
 
-def run_one(task: RunTask) -> str:
+def run_one(task: RunTask) -> str | None:
     """Execute one run of a suite in this (worker) process under the run's lock, unless it is finished;
-    returns its id. A worker keeps one Runner per (folder, suite), so the backbone stays loaded across runs."""
+    returns its id when executed, None when it was finished. A worker keeps one Runner per (folder, suite),
+    so the backbone stays loaded across runs."""
     key = (task.out, content_hash(task.suite_raw))
     if key not in _WORKER_RUNNERS:
         _WORKER_RUNNERS.clear()  # one suite per worker at a time: free the previous backbone
@@ -478,5 +485,4 @@ def run_one(task: RunTask) -> str:
                                       progress=False)
     runner = _WORKER_RUNNERS[key]
     runner.rerun = set(task.rerun)
-    runner.claim_and_execute(runner.spec(task.run_id), block=True)
-    return task.run_id
+    return task.run_id if runner.claim_and_execute(runner.spec(task.run_id), block=True) else None

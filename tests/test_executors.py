@@ -10,7 +10,16 @@ import pytest
 
 from bayeslora import ConfigError
 from benchmarks.cli import main as cli_main
-from benchmarks.executors import RayExecutor, RunsFailed, SlurmExecutor, make_executor, run_distributed
+from benchmarks.executors import (
+    HELD,
+    LocalExecutor,
+    RayExecutor,
+    RunsFailed,
+    RunTask,
+    SlurmExecutor,
+    dispatch,
+    make_executor,
+)
 
 REPO = Path(__file__).parents[1]
 SMOKE = str(REPO / "configs/suites/smoke.yaml")
@@ -55,11 +64,9 @@ def test_failed_runs_are_named_after_the_others_finish(tmp_path):
         def map(self, fn, items):
             return [ValueError("boom") if t.run_id == "b" else t.run_id for t in items]
 
-    from benchmarks.executors import RunTask
-
     tasks = [RunTask({}, "s", str(tmp_path), rid) for rid in ("a", "b")]
     with pytest.raises(RunsFailed, match=r"(?s)1 of 2 runs failed.*title b \(b\): ValueError: boom"):
-        run_distributed(Flaky(), str, tasks, {"a": "title a", "b": "title b"})
+        dispatch(Flaky(), str, tasks, {"a": "title a", "b": "title b"})
     with pytest.raises(ConfigError, match="executor must be one of"):
         make_executor("dask", tmp_path)
 
@@ -77,3 +84,18 @@ def test_smoke_suite_on_ray_equals_the_local_loop(ray_cluster, tmp_path):
     pd.testing.assert_frame_equal(local[METRICS], remote[METRICS], rtol=1e-5, atol=1e-6)
     assert (remote.n_examples == local.n_examples).all()
     assert cli_main(["run", SMOKE, "--out", str(tmp_path / "ray"), "--executor", "ray", *subset]) == 0  # resumes
+
+
+def test_local_executor_defers_held_runs_and_retries_them_waiting(tmp_path):
+    calls = []
+
+    def fn(task):
+        calls.append((task.run_id, task.wait))
+        return HELD if task.run_id == "b" and not task.wait else task.run_id
+
+    tasks = [RunTask({}, "s", str(tmp_path), rid, wait=False) for rid in ("a", "b", "c")]
+    assert dispatch(LocalExecutor(), fn, tasks, {t.run_id: t.run_id for t in tasks}) == ["a", "b", "c"]
+    assert calls == [("a", False), ("b", False), ("c", False), ("b", True)]
+    assert isinstance(make_executor("local", tmp_path), LocalExecutor)
+    with pytest.raises(ConfigError, match="local executor takes no options"):
+        make_executor("local", tmp_path, {"num_gpus": 1})
