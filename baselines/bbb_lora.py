@@ -146,7 +146,6 @@ class BbbLora(Posterior):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.config.check()
         self.model: LoraBayesModel | None = None
         self.guide: MeanFieldGuide | None = None
         self.train_result: TrainResult | None = None

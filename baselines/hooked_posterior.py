@@ -29,7 +29,6 @@ class HookedAdapterPosterior(Posterior):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.config.check()
         self.adapter: Any = None
         self.train_result: TrainResult | None = None
 

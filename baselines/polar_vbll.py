@@ -114,7 +114,6 @@ class PolarVbll(Posterior):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.config.check()
         self.adapter: PolarAdapter | None = None
         self.head: VbllHead | None = None
         self.answer_ids: torch.Tensor | None = None

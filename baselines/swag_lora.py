@@ -88,7 +88,6 @@ class _SwagPosterior(Posterior):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.config.check()
         self.stats: SwagStatistics | None = None
         self.swa_result: TrainResult | None = None
 

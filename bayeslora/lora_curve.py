@@ -234,7 +234,6 @@ class LoraCurve(Posterior):
 
     # ------------------------------------------------------------------ fit
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.config.check()
         self.attach_for_training(backbone)
         cfg = self.config
         if cfg.mode == "anchored":

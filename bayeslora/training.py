@@ -100,7 +100,9 @@ def final_train_loss(result: TrainResult) -> float:
     return result.history[-1]["train_loss"] if result.history else float("nan")
 
 
-def _schedule(settings: TrainSettings, total: int) -> Any:
+def lr_schedule(settings: TrainSettings, total: int) -> Callable[[int], float]:
+    """step -> the learning-rate factor: linear warm-up over ``warmup_ratio`` of ``total`` steps, then linear,
+    cosine or constant (``settings.schedule``)."""
     warmup = int(settings.warmup_ratio * total)
 
     def factor(step: int) -> float:
@@ -152,7 +154,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     world = distributed.world_size()  # data parallel: one step = grad_accum x world minibatches
     total = max(1, math.ceil(settings.epochs * len(loader) / (settings.grad_accum * world)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total))
     hooks.on_train_begin(total)
     result = TrainResult()
     reset_peak_memory(device)

@@ -10,7 +10,15 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from baselines.bbb_lora import BbbLora
-from baselines.blob import Blob, BlobAdapter, gaussian_kl, minibatch_kl_weight
+from baselines.blob import (
+    Blob,
+    BlobAdapter,
+    BlobHooks,
+    gaussian_kl,
+    minibatch_kl_weight,
+    reference_kl_cycle,
+    reference_kl_weight,
+)
 from bayeslora import ConfigError
 from bayeslora.backbone import target_modules
 from bayeslora.config import LoraSettings, TrainSettings
@@ -42,15 +50,65 @@ def test_minibatch_kl_weights_sum_to_one_per_epoch():
     assert weights[-1] == pytest.approx(2**11 / (2**12 - 1))
 
 
+def test_reference_kl_cycle_and_weights_by_hand():
+    assert reference_kl_cycle(600, 8, 8.0) == int(100 * 600 ** (math.pi / 8) / 8) == 154
+    weights = [reference_kl_weight(g, 5) for g in range(10)]  # two cycles of C = 5: i = 1..5, 1..5
+    assert weights[:5] == pytest.approx([2**i / (2**6 - 1) for i in range(1, 6)]) and weights[5:] == weights[:5]
+    assert minibatch_kl_weight(2400, 2401) == pytest.approx(0.5)  # no overflow for long epochs
+
+
+def _blob_hooks(tiny_backbone, batches_per_epoch, **config):
+    modules = target_modules(tiny_backbone, LoraSettings(r=2, alpha=4, target_modules=["q_proj"], layers=[0]))
+    cfg = Blob.make_config({"lora": LORA, **config})
+    return BlobHooks(tiny_backbone, BlobAdapter(modules, 2, 4, seed=0), cfg, 8 * batches_per_epoch,
+                     batches_per_epoch)
+
+
+@pytest.mark.parametrize("weighting", ["constant", "minibatch"])
+@pytest.mark.parametrize("grad_accum", [1, 2, 3, 4])
+def test_blob_kl_weights_sum_to_one_per_epoch_for_every_grad_accum(tiny_backbone, weighting, grad_accum):
+    epochs, m = 3, 4  # 12 minibatches: 12 / grad_accum optimiser steps
+    hooks = _blob_hooks(tiny_backbone, m, kl_weighting=weighting, train={"grad_accum": grad_accum, "batch_size": 8})
+    steps = epochs * m // grad_accum
+    assert sum(hooks.step_kl_weight(s) for s in range(steps)) == pytest.approx(epochs)
+    covered = [g for s in range(steps) for g in hooks.minibatches_of_step(s)]
+    assert covered == list(range(epochs * m))  # every minibatch once, in order
+
+
+def test_blob_separate_kl_step_is_sgd_on_the_weighted_kl(tiny_backbone):
+    hooks = _blob_hooks(tiny_backbone, 4, kl_weighting="minibatch", kl_lr=0.5,
+                        train={"warmup_ratio": 0.0, "schedule": "constant"})
+    hooks.on_train_begin(total_steps=10)
+    (key,) = hooks.adapter.M.keys()
+    m0, std0 = hooks.adapter.M[key].detach().clone(), hooks.adapter.std(key).detach().clone()
+    hooks.on_step_end(step=2, epoch=0.5)  # the second step: minibatch 1 of 4, pi = 2 / 15
+    # d KL / d M = M / prior^2 for KL(N(M, s^2) || N(0, prior^2))
+    expected = m0 - 0.5 * (2 / 15) * m0 / 0.2**2
+    torch.testing.assert_close(hooks.adapter.M[key].detach(), expected)
+    assert not torch.equal(hooks.adapter.std(key).detach(), std0)  # G follows its KL gradient too
+
+
+def test_blob_joint_kl_sees_every_minibatch_once_with_grad_accum(tiny_backbone, toy_splits, monkeypatch):
+    seen = []
+    weight = BlobHooks.minibatch_weight
+    monkeypatch.setattr(BlobHooks, "minibatch_weight", lambda self, g: seen.append(g) or weight(self, g))
+    post = Blob(Blob.make_config({"lora": LORA, "kl_optimizer": "joint", "kl_weighting": "minibatch",
+                                  "train": {**vars(_train(epochs=2)), "grad_accum": 2}}), seed=0)
+    post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
+    assert seen == list(range(len(seen))) and len(seen) >= 4
+    post.release()
+
+
 def _blob(tiny_backbone, toy_splits, **config):
     post = Blob(Blob.make_config({"lora": LORA, "train": _train(), **config}), seed=0)
     post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
     return post
 
 
-def test_blob_adapter_kl_and_flipout_noise_per_example(tiny_backbone):
+@pytest.mark.parametrize("flipout", ["token", "example"])
+def test_blob_adapter_kl_and_flipout_noise_per_token_or_example(tiny_backbone, flipout):
     modules = target_modules(tiny_backbone, LoraSettings(r=2, alpha=4, target_modules=["q_proj"], layers=[0]))
-    adapter = BlobAdapter(modules, 2, 4, seed=0)
+    adapter = BlobAdapter(modules, 2, 4, seed=0, flipout=flipout)
     (key,) = adapter.M.keys()
     std = adapter.std(key)
     g = adapter.G[key].detach()
@@ -59,7 +117,7 @@ def test_blob_adapter_kl_and_flipout_noise_per_example(tiny_backbone):
     assert float(adapter.kl(0.2).detach()) == pytest.approx(by_hand, rel=1e-5)
     with torch.no_grad():
         adapter.B[key].normal_()
-    x = torch.randn(1, 3, adapter.M[key].shape[1]).expand(6, 3, -1)  # one input, six times
+    x = torch.randn(1, 1, adapter.M[key].shape[1]).expand(6, 3, -1)  # one token vector, 6 examples x 3 positions
     with torch.no_grad():
         noisy = adapter.update(key, x)
         with adapter.mean_weights():
@@ -67,6 +125,8 @@ def test_blob_adapter_kl_and_flipout_noise_per_example(tiny_backbone):
     assert torch.allclose(mean[0], mean[5])  # no noise: identical rows
     rows = noisy.reshape(6, -1)
     assert all(not torch.allclose(rows[i], rows[j]) for i in range(6) for j in range(i + 1, 6))
+    same_example_positions = torch.allclose(noisy[0, 0], noisy[0, 1]) and torch.allclose(noisy[0, 1], noisy[0, 2])
+    assert same_example_positions == (flipout == "example")  # per token: each position its own signs
     with torch.no_grad():
         adapter.G[key].zero_()
         assert torch.allclose(adapter.update(key, x), mean)  # std 0: the mean weights
