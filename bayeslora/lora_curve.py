@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -203,6 +204,16 @@ class CurveHooks(TrainingHooks):
         self.curve.load_state_dict(state)
 
 
+def segment_point(curve: BezierCurve, j: int) -> Callable[[float], Weights]:
+    """tau -> phi on segment j: the curve at global t = (j + tau) / (M - 1)."""
+    return lambda tau: curve.point((j + tau) / (curve.num_anchors - 1))
+
+
+def straight_line(start: Weights, end: Weights) -> Callable[[float], Weights]:
+    """t -> (1 - t) start + t end."""
+    return lambda t: interpolate(start, end, t)
+
+
 class LoraCurve(Posterior):
     """A trained Bezier curve of LoRA adapters; the predictive averages S points along it."""
 
@@ -309,11 +320,18 @@ class LoraCurve(Posterior):
 
     # ------------------------------------------------------------------ paths
     def paths(self) -> dict[str, WeightPath]:
-        """(a) the straight line between the first and last anchor, (b) the trained curve."""
+        """Each curve segment ``curve_<j>-<j+1>`` (anchor j to anchor j + 1, t the segment's own parameter)
+        next to the straight line between the same anchors ``line_<j>-<j+1>``, and the straight line
+        ``line_<i>-<k>`` between every further pair of anchors."""
         curve = self.require_curve()
-        first, last = curve.anchor(0), curve.anchor(curve.num_anchors - 1)
-        return {"linear": WeightPath(self.adapter_name, lambda t: interpolate(first, last, t)),
-                "curve": WeightPath(self.adapter_name, curve.point)}
+        m = curve.num_anchors
+        paths: dict[str, WeightPath] = {}
+        for j in range(m - 1):
+            paths[f"curve_{j}-{j + 1}"] = WeightPath(self.adapter_name, segment_point(curve, j))
+        for i in range(m):
+            for k in range(i + 1, m):
+                paths[f"line_{i}-{k}"] = WeightPath(self.adapter_name, straight_line(curve.anchor(i), curve.anchor(k)))
+        return paths
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from bayeslora import ConfigError
 from bayeslora.metrics import ece_from_bins
-from bayeslora.paths import PATH_COLUMNS, barrier_table
+from bayeslora.paths import PATH_BASE_COLUMNS, barrier_table
 
 from . import figures
 from .analysis import (
@@ -242,9 +242,12 @@ class ReportBuilder:
 
     def paths_section(self) -> Section:
         section = Section("Weight-space paths", [Text(
-            "Mean loss and accuracy along each path of a run with path analysis: `linear` is the straight line "
-            "between the end anchors, `curve` the trained curve (lora_curve). Barrier = max loss along the path − "
-            "max of its end losses.")])
+            "Mean loss and accuracy along each path of a run with path analysis (lora_curve): `curve_j-k` is the "
+            "trained curve's segment from anchor j to anchor k, `line_j-k` the straight line between the same "
+            "anchors (every pair of anchors has one). Barrier = max loss along the path − max of its end losses. "
+            "Functional diversity along t (path.csv): disagreement and Jensen–Shannon divergence of the point's "
+            "predictive with the path's start and end, and the mutual information of each point's grid "
+            "neighbourhood; the table gives their largest values and the mean local MI per path.")])
         found = False
         runs = self.results.drop_duplicates("run_id")
         for row in runs.itertuples(index=False):
@@ -254,7 +257,7 @@ class ReportBuilder:
                 continue
             try:
                 table = pd.read_csv(path_file)
-                if not run_file_intact(run_dir, "path.csv") or not set(PATH_COLUMNS) <= set(table.columns):
+                if not run_file_intact(run_dir, "path.csv") or not set(PATH_BASE_COLUMNS) <= set(table.columns):
                     raise ValueError("it does not match its checksum or columns")
             except (ValueError, pd.errors.ParserError) as exc:
                 self.notes.append(f"path plot skipped: {path_file} is damaged ({exc})")

@@ -14,7 +14,7 @@ from bayeslora.curve import BezierCurve, bernstein, curve_coefficients, interpol
 from bayeslora.data import make_loader
 from bayeslora.lora_curve import CurveHooks, LoraCurve, jensen_shannon, perturb
 from bayeslora.metrics import uncertainty
-from bayeslora.paths import PathSettings, barrier_columns, barrier_table, evaluate_paths
+from bayeslora.paths import PATH_COLUMNS, PathSettings, barrier_columns, barrier_table, diversity_along, evaluate_paths
 
 from .conftest import perturb_adapter
 
@@ -219,7 +219,7 @@ def test_loss_along_the_curve_is_lipschitz_in_t(tiny_backbone, toy_splits):
     train, val, _ = toy_splits
     post = LoraCurve(curve_config(), seed=0)
     post.fit(tiny_backbone, train, val)
-    table = evaluate_paths(tiny_backbone, {"curve": post.paths()["curve"]}, {"train": train},
+    table = evaluate_paths(tiny_backbone, {"curve": post.paths()["curve_0-1"]}, {"train": train},
                            PathSettings(points=101))
     loss = torch.tensor(table.sort_values("t")["loss"].to_numpy())
     fine, coarse = loss.diff().abs().max(), loss[::2].diff().abs().max()
@@ -227,21 +227,79 @@ def test_loss_along_the_curve_is_lipschitz_in_t(tiny_backbone, toy_splits):
     assert fine < 0.75 * coarse  # and halving the step roughly halves the largest change
 
 
-def test_linear_path_ends_are_the_anchor_losses(tiny_backbone, toy_splits, tmp_path):
+def test_paths_start_at_the_map_anchor_and_compare_each_segment_with_its_own_line(tiny_backbone, toy_splits,
+                                                                                  tmp_path):
     train, val, test = toy_splits
     store = ArtifactStore(tmp_path)
     post = LoraCurve(curve_config(), seed=0, artifacts=store)
     post.fit(tiny_backbone, train, val)
-    table = evaluate_paths(tiny_backbone, post.paths(), {"test": test}, PathSettings(points=3))
-    assert list(table.columns) == ["path", "t", "split", "loss", "acc", "n_examples"] and len(table) == 6
+    paths = post.paths()
+    assert list(paths) == ["curve_0-1", "curve_1-2", "line_0-1", "line_0-2", "line_1-2"]
+    table = evaluate_paths(tiny_backbone, paths, {"test": test}, PathSettings(points=3))
+    assert list(table.columns) == PATH_COLUMNS and len(table) == 15
     map_post = MapLora(curve_config(), seed=0, artifacts=store)
     map_post.fit(tiny_backbone, train, val)
     logits = map_post.predict(make_loader(test, 5), 1).logits[:, 0]
     nll = torch.nn.functional.cross_entropy(logits.double(), test.labels).item()
-    for path in ("linear", "curve"):
+    for path in ("curve_0-1", "line_0-1", "line_0-2"):  # every path from anchor 0 starts at MAP seed 0
         start = table[(table.path == path) & (table.t == 0.0)].iloc[0]
         assert start.loss == pytest.approx(nll, abs=1e-5)
         assert start.acc == pytest.approx((logits.argmax(-1) == test.labels).double().mean().item())
+        assert start.disagree_start == 0 and start.js_start == pytest.approx(0, abs=1e-12)
+    ends = table[table.t == 1.0].set_index("path")  # segment j ends where line j-(j+1) ends: anchor j + 1
+    assert ends.loc["curve_0-1", "loss"] == pytest.approx(ends.loc["line_0-1", "loss"], abs=1e-6)
+    assert ends.loc["curve_1-2", "loss"] == pytest.approx(ends.loc["line_0-2", "loss"], abs=1e-6)
+
+
+def test_a_segment_with_straight_control_points_has_the_straight_lines_losses(tiny_backbone, toy_splits):
+    train, _, test = toy_splits
+    post = LoraCurve(curve_config(), seed=0)
+    post.attach(tiny_backbone)
+    tiny_backbone.ensure_adapter(post.adapter_name, post.config.lora, seed=0)
+    base = tiny_backbone.adapter_state(post.adapter_name)
+    anchors = []
+    for seed in range(3):  # three different adapters, B nonzero so that the anchors differ in function
+        g = torch.Generator().manual_seed(seed)
+        anchors.append({k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+    post.curve = BezierCurve.through_anchors(anchors, degree=2)  # interior points on the straight lines
+    table = evaluate_paths(tiny_backbone, post.paths(), {"test": test}, PathSettings(points=5))
+    by_path = {p: part.sort_values("t").reset_index(drop=True) for p, part in table.groupby("path")}
+    for j in (0, 1):
+        curve, line = by_path[f"curve_{j}-{j + 1}"], by_path[f"line_{j}-{j + 1}"]
+        pd.testing.assert_series_equal(curve["loss"], line["loss"], atol=1e-6, rtol=0)  # float32 weights
+        pd.testing.assert_series_equal(curve["js_start"], line["js_start"], atol=1e-6, rtol=0)
+    assert by_path["line_0-2"]["js_start"].iloc[-1] > 0  # different anchors, different functions
+    rows = barrier_table(table).set_index("path")
+    assert rows.loc["curve_0-1", "barrier"] == pytest.approx(rows.loc["line_0-1", "barrier"], abs=1e-6)
+    post.release()
+
+
+def test_functional_diversity_along_a_path_by_hand():
+    p0 = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    p1 = torch.tensor([[0.5, 0.5], [0.6, 0.4]], dtype=torch.float64)
+    p2 = torch.tensor([[0.1, 0.9], [0.7, 0.3]], dtype=torch.float64)
+
+    def h(p):
+        return -sum(x * math.log(x) for x in p)
+
+    def js(p, q):
+        return h([(a + b) / 2 for a, b in zip(p, q, strict=True)]) - (h(p) + h(q)) / 2
+
+    rows = diversity_along([p0, p1, p2])
+    assert rows[0]["disagree_start"] == 0 and rows[2]["disagree_start"] == 1.0  # both examples flip
+    assert rows[1]["disagree_start"] == 0.5 and rows[1]["disagree_end"] == 0.5  # argmax of [.5, .5] is class 0
+    assert rows[2]["js_start"] == pytest.approx((js([.1, .9], [.9, .1]) + js([.7, .3], [.2, .8])) / 2)
+    assert rows[0]["js_end"] == rows[2]["js_start"]
+    # MI of {p0, p1} at the first point, of {p0, p1, p2} in the middle
+    mid = [(0.9 + 0.5 + 0.1) / 3, (0.1 + 0.5 + 0.9) / 3]
+    mi_example0 = h(mid) - (h([.9, .1]) + h([.5, .5]) + h([.1, .9])) / 3
+    mid1 = [(0.2 + 0.6 + 0.7) / 3, (0.8 + 0.4 + 0.3) / 3]
+    mi_example1 = h(mid1) - (h([.2, .8]) + h([.6, .4]) + h([.7, .3])) / 3
+    assert rows[1]["mi_local"] == pytest.approx((mi_example0 + mi_example1) / 2)
+    first = [(0.9 + 0.5) / 2, (0.1 + 0.5) / 2]
+    first1 = [(0.2 + 0.6) / 2, (0.8 + 0.4) / 2]
+    expected = ((h(first) - (h([.9, .1]) + h([.5, .5])) / 2) + (h(first1) - (h([.2, .8]) + h([.6, .4])) / 2)) / 2
+    assert rows[0]["mi_local"] == pytest.approx(expected)
 
 
 def test_barrier_heights_by_hand():

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from bayeslora import ConfigError
+from bayeslora.paths import PATH_COLUMNS
 from benchmarks.cli import main as cli_main
 from benchmarks.leaderboard import aggregate
 from benchmarks.runner import Runner
@@ -133,12 +134,13 @@ def test_curve_runs_write_paths_and_reload_from_their_folder(tmp_path, capsys):
     assert results.query("method == 'map' and seed == 1").reused_cache.all()
     df = results.query("seed == 0").set_index("method")
     assert df.loc["curve", "num_samples"] == 3
-    assert pd.isna(df.loc["curve-nojs", "barrier_curve_test"])  # not listed in path.methods: no analysis
+    assert pd.isna(df.loc["curve-nojs", "barrier_curve_0-1_test"])  # not listed in path.methods: no analysis
     run_dir = tmp_path / "runs" / df.loc["curve", "run_id"]
     table = pd.read_csv(run_dir / "path.csv")
-    assert list(table.columns) == ["path", "t", "split", "loss", "acc", "n_examples"]
-    assert len(table) == 2 * 5 * 2 and set(table.n_examples) == {8}
-    for name in ("barrier_linear_train", "barrier_linear_test", "barrier_curve_train", "barrier_curve_test"):
+    assert list(table.columns) == PATH_COLUMNS
+    assert len(table) == 2 * 5 * 2 and set(table.n_examples) == {8}  # curve_0-1 and line_0-1, 5 t, 2 splits
+    for name in ("barrier_line_0-1_train", "barrier_line_0-1_test", "barrier_curve_0-1_train",
+                 "barrier_curve_0-1_test"):
         assert np.isfinite(df.loc["curve", name])
     assert df.loc["curve", "time_path"] > 0 and (run_dir / "posterior.pt").exists()
     assert not (tmp_path / "runs" / df.loc["map", "run_id"] / "posterior.pt").exists()
