@@ -1,17 +1,21 @@
 """Bayesian-LoRA: inducing-weight variational posterior over LoRA factors (docs/methods.md) [code].
 
-Every configured LoRA factor (A: r x d_in and B: d_out x r of each target module, by default q_proj,
-and of the answer head) is an :class:`~baselines.inducing_weights.InducingFactor`: a 9 x 9 inducing
-matrix U with a Gaussian q(U) is mapped to the factor by the conditional mean of a Kronecker-
-structured Gaussian prior, plus small conditional noise lambda eps (Matheron's rule). The update of
-a target module is y = W0 x + (alpha/r) B A x, added by a forward hook
-(:class:`~baselines.hooked_adapter.HookedAdapter`); the answer head's is
-z = W_lm[answer_ids] h + (alpha/r) B[answer_ids] A h, where B spans the whole vocabulary as a LoRA on
-the LM head would, but only the K answer rows are ever read.
+Every configured LoRA factor (A: r x d_in and B: d_out x r of each target module, by default q_proj and
+k_proj as in the authors' code, and of the answer head) is an
+:class:`~baselines.inducing_weights.InducingFactor`: a 9 x 9 inducing matrix U with a Gaussian q(U)
+is mapped to the factor by the conditional mean of a Kronecker-structured Gaussian prior, plus small
+conditional noise lambda eps (Matheron's rule). The update of a target module is
+y = W0 x + (alpha/r) B A x, added by a forward hook (:class:`~baselines.hooked_adapter.HookedAdapter`);
+the answer head's is
+z = W_lm[answer_ids] h + (alpha/r) B_K A h: a LoRA on the LM head restricted to the K answer rows (the
+only rows ever read), so its B factor is K x r, its rows in the order of the training set's answer
+tokens (sets with other answer tokens are refused, as for the last-layer methods).
 
 Fit, prediction and saving follow :class:`~baselines.hooked_posterior.HookedAdapterPosterior`.
 Objective per minibatch (the shared training loop): mean CE under one draw of every factor plus
-``kl_weight`` x KL / N, KL = sum over factors of KL(q(U) || p(U)) + KL(q(W|U) || p(W|U)).
+beta x KL / M (``kl_scaling: per_batch``, M minibatches per epoch, beta = ``kl_weight`` = 0.1: the
+authors' code) or beta x KL / N (``per_example``, the ELBO per example), from epoch ``kl_start_epoch``
+(2 in the authors' code) on; KL = sum over factors of KL(q(U) || p(U)) + KL(q(W|U) || p(W|U)).
 The inducing locations Z and diagonals D (the prior's hyperparameters), q(U) and lambda are all
 learned. Prediction: S forward passes, each with fresh draws (seeded), or ``num_samples = 0``: the
 factors at E_q[U] without conditional noise.
@@ -21,18 +25,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayeslora import ConfigError, FitReport, ResourceNeeds
+from bayeslora import FitReport, ResourceNeeds, distributed
 from bayeslora.adapters import ClassifierHooks
 from bayeslora.backbone import Backbone, mask_choices, target_modules
-from bayeslora.config import AdapterConfig, LoraSettings
+from bayeslora.config import AdapterConfig, LoraSettings, NonNegativeFloat, NonNegativeInt
 from bayeslora.data import EncodedSplit
+from bayeslora.features import check_answer_ids
 from bayeslora.training import final_train_loss
 
 from .hooked_adapter import HookedAdapter
@@ -44,19 +49,22 @@ HEAD_KEY = "answer_head"
 
 class InducingLoraAdapter(HookedAdapter):
     """Inducing-weight LoRA factors ``A`` (r x d_in) and ``B`` (d_out x r) per target module and,
-    with ``head_shape`` = (vocabulary, hidden), for the answer head."""
+    with ``head_ids`` (the K answer tokens' vocabulary rows) and ``hidden``, for the answer head (B: K x r)."""
 
     def __init__(self, modules: Mapping[str, nn.Module], r: int, alpha: float, settings: InducingSettings,
-                 head_shape: tuple[int, int] | None = None, seed: int = 0,
+                 head_ids: torch.Tensor | None = None, hidden: int | None = None, seed: int = 0,
                  device: torch.device | str | None = None):
         super().__init__(modules)
+        self.register_buffer("head_ids", None if head_ids is None else head_ids.detach().clone().cpu())
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / r
         self.factors = nn.ModuleDict()
         for key, module in self.modules_by_key.items():
             self.factors[key] = _factor_pair(module.out_features, module.in_features, r, settings, generator, device)
-        if head_shape is not None:
-            self.factors[HEAD_KEY] = _factor_pair(*head_shape, r, settings, generator, device)
+        if head_ids is not None:
+            if hidden is None:
+                raise ValueError("the answer head's factors need the hidden size")
+            self.factors[HEAD_KEY] = _factor_pair(len(head_ids), hidden, r, settings, generator, device)
 
     @property
     def has_head(self) -> bool:
@@ -72,10 +80,10 @@ class InducingLoraAdapter(HookedAdapter):
         a, b = self.draw(key)
         return self.scale * (x.to(a.dtype) @ a.T) @ b.T
 
-    def head_update(self, features: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-        """(alpha/r) B[answer_ids] A h, (batch, K)."""
+    def head_update(self, features: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) B_K A h, (batch, K): the answer rows' LoRA update."""
         a, b = self.draw(HEAD_KEY)
-        return self.scale * (features.to(a.dtype) @ a.T) @ b[answer_ids.to(b.device)].T
+        return self.scale * (features.to(a.dtype) @ a.T) @ b.T
 
     def inducing_factors(self) -> list[InducingFactor]:
         """Every factor: A and B of each target module, then the answer head's."""
@@ -112,46 +120,49 @@ def parameter_count(shapes: Mapping[str, tuple[int, int]], r: int, settings: Ind
     return {"bayesian_lora": total, "lora": lora, "extra": total - lora}
 
 
-def adapted_shapes(lm: nn.Module, modules: Mapping[str, nn.Module], answer_head: bool) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of each target module and, with ``answer_head``, of the LM head (vocab, hidden)."""
+def adapted_shapes(lm: nn.Module, modules: Mapping[str, nn.Module],
+                   num_classes: int | None) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each target module and, with ``num_classes`` K, of the answer head (K, hidden)."""
     shapes = {key: (m.out_features, m.in_features) for key, m in modules.items()}
-    if answer_head:
-        head = lm.get_output_embeddings()
-        shapes[HEAD_KEY] = (head.weight.shape[0], head.weight.shape[1])
+    if num_classes is not None:
+        shapes[HEAD_KEY] = (num_classes, lm.get_output_embeddings().weight.shape[1])
     return shapes
 
 
 def _default_lora() -> LoraSettings:
-    return LoraSettings(target_modules=["q_proj"])
+    return LoraSettings(target_modules=["q_proj", "k_proj"])
 
 
 @dataclass
 class BayesianLoraConfig(AdapterConfig):
-    """``inducing``: the inducing-weight layer (U size, q(U), prior, lambda); ``answer_head``: also
-    put the posterior over the answer head's LoRA factors; ``kl_weight``: beta in CE + beta KL / N;
-    ``lora.target_modules`` defaults to q_proj (the authors' setting; suites may override)."""
+    """Bayesian-LoRA's settings; the defaults are the authors' code's (q_proj, k_proj and the answer head;
+    KL weight 0.1 per minibatch from epoch 2)."""
 
     lora: LoraSettings = field(default_factory=_default_lora)
-    """The LoRA factors that become inducing-weight layers (default q_proj)."""
+    """The LoRA factors that become inducing-weight layers (default q_proj and k_proj)."""
     inducing: InducingSettings = field(default_factory=InducingSettings)
     """The inducing-weight posterior of each factor."""
     answer_head: bool = True
-    """Also put the posterior over the answer head's LoRA factors."""
-    kl_weight: float = 1.0
-    """beta in CE + beta KL / N."""
+    """Also put the posterior over the answer head's LoRA factors (its K answer rows)."""
+    kl_weight: NonNegativeFloat = 0.1
+    """beta: the KL's weight."""
+    kl_scaling: Literal["per_batch", "per_example"] = "per_batch"
+    """per_batch: beta KL / M, M minibatches per epoch (the authors' code); per_example: beta KL / N."""
+    kl_start_epoch: NonNegativeInt = 2
+    """The KL term is off before this epoch (the authors' code: 2)."""
 
     def check(self) -> None:
         self.inducing.check()
-        if self.kl_weight < 0:
-            raise ConfigError(f"bayesian_lora kl_weight must be >= 0, got {self.kl_weight}")
 
 
 class BayesianLoraHooks(ClassifierHooks):
-    """mean CE (one draw) + beta KL / N over all inducing parameters; validation at the mean factors."""
+    """mean CE (one draw) + the weighted KL over all inducing parameters; validation at the mean factors."""
 
-    def __init__(self, backbone: Backbone, adapter: InducingLoraAdapter, kl_weight: float, n_train: int):
+    def __init__(self, backbone: Backbone, adapter: InducingLoraAdapter, config: BayesianLoraConfig, n_train: int,
+                 batches_per_epoch: int):
         super().__init__(backbone, dict(adapter.named_parameters()))
-        self.adapter, self.kl_weight, self.n_train = adapter, kl_weight, n_train
+        self.adapter, self.config = adapter, config
+        self.n_train, self.batches_per_epoch = n_train, batches_per_epoch
 
     def param_groups(self) -> list[dict[str, Any]]:
         """No weight decay (the KL is the regulariser). The lambdas' group is left out of the gradient-norm
@@ -166,11 +177,22 @@ class BayesianLoraHooks(ClassifierHooks):
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return class_logits(self.backbone, self.adapter, batch)
 
+    def kl_scale(self, step: int) -> float:
+        """beta / M or beta / N, and 0 before ``kl_start_epoch`` (epoch of optimiser step ``step``)."""
+        per_step = self.config.train.grad_accum * distributed.world_size()
+        if step * per_step < self.config.kl_start_epoch * self.batches_per_epoch:
+            return 0.0
+        size = self.batches_per_epoch if self.config.kl_scaling == "per_batch" else self.n_train
+        return self.config.kl_weight / size
+
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         logits = self.logits(batch)
         nll = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        scale = self.kl_scale(step)
+        if scale == 0.0:
+            return nll
         kl_u, kl_w = self.adapter.kl_terms()
-        return nll + self.kl_weight * (kl_u + kl_w) / self.n_train
+        return nll + scale * (kl_u + kl_w)
 
     def val_nll(self, loader: DataLoader) -> float:
         with self.adapter.mean_weights():
@@ -182,7 +204,8 @@ def class_logits(backbone: Backbone, adapter: InducingLoraAdapter, batch: dict[s
     features = backbone.features(batch)
     logits = backbone.head_logits(features, batch, masked=False)
     if adapter.has_head:
-        logits = logits + adapter.head_update(features, batch["answer_ids"])
+        check_answer_ids("bayesian_lora", adapter.head_ids, batch)
+        logits = logits + adapter.head_update(features)
     return mask_choices(logits, batch["choice_mask"].to(logits.device))
 
 
@@ -195,36 +218,41 @@ class BayesianLora(HookedAdapterPosterior):
     description = "Bayesian-LoRA: inducing-weight (9x9 U, Kronecker prior, Matheron noise) posterior over LoRA factors"
     saves_state = True
 
+    answer_ids: torch.Tensor | None = None
+    """The training set's answer tokens (the answer head's K rows), set by fit or load_state_dict."""
+
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """Every inducing-weight parameter (:meth:`count_parameters`) trains."""
-        return ResourceNeeds(trainable=cls.count_parameters(backbone, config)["bayesian_lora"])
+        return ResourceNeeds(trainable=cls.count_parameters(backbone, config, num_classes)["bayesian_lora"])
 
     def build_adapter(self, backbone: Backbone) -> InducingLoraAdapter:
         lora = self.config.lora
-        head = backbone.lm.get_output_embeddings().weight
+        head_ids = self.answer_ids if self.config.answer_head else None
         return InducingLoraAdapter(target_modules(backbone, lora), lora.r, lora.alpha, self.config.inducing,
-                                   head_shape=tuple(head.shape) if self.config.answer_head else None,
-                                   seed=self.seed, device=backbone.device)
+                                   head_ids=head_ids, hidden=backbone.hidden_size, seed=self.seed,
+                                   device=backbone.device)
 
     def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> BayesianLoraHooks:
-        return BayesianLoraHooks(backbone, self.adapter, self.config.kl_weight, n_train)
+        return BayesianLoraHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return class_logits(self.require_backbone(), self.adapter, batch)
 
     @classmethod
-    def count_parameters(cls, backbone: Backbone, config: Any = None) -> dict[str, int]:
-        """{bayesian_lora, lora, extra} parameter counts on ``backbone`` without building anything (a
-        :func:`~bayeslora.meta.meta_backbone` of a 7B config works: only module shapes are read)."""
+    def count_parameters(cls, backbone: Backbone, config: Any = None, num_classes: int = 4) -> dict[str, int]:
+        """{bayesian_lora, lora, extra} parameter counts on ``backbone`` for K = ``num_classes`` answers,
+        without building anything (a :func:`~bayeslora.meta.meta_backbone` of a 7B config works: only module
+        shapes are read)."""
         config = cls.make_config(config)
         modules = target_modules(backbone, config.lora)
-        return parameter_count(adapted_shapes(backbone.lm, modules, config.answer_head), config.lora.r,
-                               config.inducing)
+        shapes = adapted_shapes(backbone.lm, modules, num_classes if config.answer_head else None)
+        return parameter_count(shapes, config.lora.r, config.inducing)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        self.answer_ids = train_split.answer_ids.detach().clone().cpu()
         result = self.train_adapter(backbone, train_split, val)
-        counts = self.count_parameters(backbone, self.config)
+        counts = self.count_parameters(backbone, self.config, len(self.answer_ids))
         with torch.no_grad():
             kl_u, kl_w = self.adapter.kl_terms()
         return FitReport(trainable_params=counts["bayesian_lora"],
@@ -234,3 +262,7 @@ class BayesianLora(HookedAdapterPosterior):
                                 "extra_params_over_lora": counts["extra"], "lora_params": counts["lora"],
                                 "kl_inducing": float(kl_u), "kl_conditional": float(kl_w),
                                 "mean_lambda": self.adapter.mean_lambda()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.answer_ids = state["adapter"].get("head_ids")
+        super().load_state_dict(state)

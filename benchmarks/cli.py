@@ -140,9 +140,10 @@ def _cmd_params(args: argparse.Namespace) -> int:
         raise ConfigError(f"method {args.method!r} does not count its parameters without fitting; "
                           f"methods that do: bayesian_lora")
     backbone = meta_backbone(args.model)
-    counts = counter(backbone, apply_overrides({}, args.set))
+    counts = counter(backbone, apply_overrides({}, args.set), num_classes=args.num_classes)
     for what, n in counts.items():
         print(f"{what:<14} {n:>14,}")
+    print(f"(K = {args.num_classes} answer classes: --num-classes)", file=sys.stderr)
     return 0
 
 
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("method", help="a registered method, e.g. bayesian_lora")
     params.add_argument("--model", required=True,
                         help="a shipped config (Qwen/Qwen2.5-7B), a folder with config.json, a hub id or an alias")
+    params.add_argument("--num-classes", type=int, default=4, metavar="K",
+                        help="answer classes K, for a head over the K answer rows (default 4)")
     params.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the method's config, e.g. --set lora.target_modules=[q_proj,v_proj]")
     params.set_defaults(func=_cmd_params)

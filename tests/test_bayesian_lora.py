@@ -137,19 +137,34 @@ def test_parameter_count_formula_matches_the_modules(q):
 def test_qwen_7b_count_on_the_meta_device_matches_the_module_and_the_papers_order():
     backbone = meta_backbone(QWEN_7B)
     assert backbone.num_layers == 28 and backbone.hidden_size == 3584
-    counts = BayesianLora.count_parameters(backbone)  # defaults: q_proj of every layer + the answer head
-    modules = target_modules(backbone, LoraSettings(target_modules=["q_proj"]))
-    assert len(modules) == 28
-    adapter = InducingLoraAdapter(modules, 8, 16, InducingSettings(), head_shape=(152064, 3584), device="meta")
+    counts = BayesianLora.count_parameters(backbone, num_classes=4)  # defaults: q_proj, k_proj, the answer head
+    modules = target_modules(backbone, LoraSettings(target_modules=["q_proj", "k_proj"]))
+    assert len(modules) == 56
+    adapter = InducingLoraAdapter(modules, 8, 16, InducingSettings(), head_ids=torch.arange(4), hidden=3584,
+                                  device="meta")
     assert sum(p.numel() for p in adapter.parameters()) == counts["bayesian_lora"]
-    assert counts["lora"] == 28 * 8 * (3584 + 3584) + 8 * (3584 + 152064)
+    assert adapter.factors[HEAD_KEY]["B"].z_row.shape == (9, 4)  # inducing rows over the K answer rows only
+    assert counts["lora"] == 28 * 8 * (3584 + 3584) + 28 * 8 * (3584 + 512) + 8 * (3584 + 4)
     assert 2e5 < counts["extra"] < 1e6  # the paper reports ~0.42M extra parameters on a 7B model
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_the_answer_heads_parameters_for_k_answer_rows_by_hand(k):
+    backbone = meta_backbone(QWEN_7B)
+    with_head = BayesianLora.count_parameters(backbone, num_classes=k)["bayesian_lora"]
+    without = BayesianLora.count_parameters(backbone, {"answer_head": False})["bayesian_lora"]
+    # A (8 x 3584): Z_r 9x8, Z_c 9x3584, D_r 9, D_c 9, mean of U 81, diagonal std of U 81, lambda 1
+    a = 9 * 8 + 9 * 3584 + 9 + 9 + 81 + 81 + 1
+    # B (K x 8): Z_r 9xK, Z_c 9x8, and the same 181
+    b = 9 * k + 9 * 8 + 9 + 9 + 81 + 81 + 1
+    assert with_head - without == a + b
 
 
 def _config(**extra):
     return BayesianLora.make_config({
         "lora": LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj"]),
-        "train": TrainSettings(epochs=4, lr=2e-2, batch_size=8, progress=False, warmup_ratio=0.0), **extra})
+        "train": TrainSettings(epochs=4, lr=2e-2, batch_size=8, progress=False, warmup_ratio=0.0),
+        "kl_start_epoch": 0, **extra})
 
 
 def test_bayesian_lora_fits_predicts_reloads_and_collapses(tiny_backbone, toy_splits):
@@ -157,7 +172,7 @@ def test_bayesian_lora_fits_predicts_reloads_and_collapses(tiny_backbone, toy_sp
     config.train.epochs = 2
     post = BayesianLora(config, seed=0)
     report = post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
-    assert HEAD_KEY in post.adapter.factors
+    assert HEAD_KEY in post.adapter.factors and post.adapter.factors[HEAD_KEY]["B"].z_row.shape == (9, 2)
     assert report.trainable_params == sum(p.numel() for p in post.adapter.parameters())
     assert report.extra["extra_params_over_lora"] == report.trainable_params - report.extra["lora_params"]
     assert report.extra["kl_inducing"] > 0 and 0 < report.extra["mean_lambda"] < 0.03
@@ -209,7 +224,8 @@ def test_bad_bayesian_lora_settings_are_clear_errors():
 def test_params_command_prints_the_counts_and_refuses_methods_without_a_count(capsys):
     from benchmarks.cli import main
 
-    assert main(["params", "bayesian_lora", "--model", QWEN_7B, "--set", "answer_head=false"]) == 0
+    assert main(["params", "bayesian_lora", "--model", QWEN_7B, "--set", "answer_head=false",
+                 "--set", "lora.target_modules=[q_proj]"]) == 0
     printed = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
     per_layer = 2 * inducing_factor_parameter_count(8, 3584, InducingSettings())
     assert int(printed["bayesian_lora"].replace(",", "")) == 28 * per_layer
@@ -225,3 +241,17 @@ def test_factor_draws_stay_float32_under_bf16_autocast():
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on
     assert weight.dtype == torch.float32 and kl.dtype == torch.float32
     torch.testing.assert_close(weight, factor(stochastic=False))
+
+
+def test_kl_weight_is_the_authors_per_minibatch_schedule(tiny_backbone):
+    from baselines.bayesian_lora import BayesianLoraHooks
+
+    config = BayesianLora.make_config({"train": {"grad_accum": 2}})
+    assert config.kl_weight == 0.1 and config.kl_start_epoch == 2 and config.lora.target_modules == ["q_proj", "k_proj"]
+    modules = target_modules(tiny_backbone, LoraSettings(r=2, layers=[0]))
+    adapter = InducingLoraAdapter(modules, 2, 4, InducingSettings())
+    hooks = BayesianLoraHooks(tiny_backbone, adapter, config, n_train=80, batches_per_epoch=10)
+    # 2 minibatches per step: steps 0-9 are epochs 0-1 (no KL), step 10 starts epoch 2
+    assert [hooks.kl_scale(s) for s in (0, 9, 10, 30)] == [0.0, 0.0, 0.1 / 10, 0.1 / 10]
+    per_example = BayesianLora.make_config({"kl_scaling": "per_example", "kl_start_epoch": 0, "kl_weight": 1.0})
+    assert BayesianLoraHooks(tiny_backbone, adapter, per_example, 80, 10).kl_scale(0) == 1 / 80
