@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -32,16 +33,20 @@ class SwagSettings(Validated):
     """The SWA phase and the SWAG Gaussian.
 
     ``epochs``: length of the SWA phase (after the burn-in); ``lr``: its constant learning rate
-    (None: ``train.lr``); ``collect_every``: optimiser steps between snapshots (None: spread K + 1
-    snapshots evenly over the phase, at least one step apart); ``max_rank``: K, the number of
-    deviations kept; ``scale``: s; ``covariance``: low_rank | diagonal."""
+    (None: ``train.lr``); ``collect``: ``epoch`` takes one snapshot at the end of every epoch of the
+    phase (the SWAG-LoRA and B-LoRA-XS code), ``steps`` one every ``collect_every`` optimiser steps (None:
+    K + 1 snapshots spread evenly over the phase, for budgets shorter than K + 1 epochs);
+    ``max_rank``: K, the number of deviations kept; ``scale``: s; ``covariance``: low_rank | diagonal."""
 
     epochs: float = 1.0
     """Length of the SWA phase after the burn-in, in epochs."""
     lr: float | None = None
     """The SWA phase's constant learning rate (None: train.lr)."""
+    collect: Literal["steps", "epoch"] = "steps"
+    """epoch: a snapshot at the end of every epoch of the phase (the reference code); steps: every
+    collect_every optimiser steps."""
     collect_every: int | None = None
-    """Optimiser steps between snapshots (None: K + 1 spread over the phase)."""
+    """With collect: steps, optimiser steps between snapshots (None: K + 1 spread over the phase)."""
     max_rank: int = 10
     """K, the number of deviations kept."""
     scale: float = 0.5

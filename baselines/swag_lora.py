@@ -2,8 +2,9 @@
 
 Both run the shared training loop twice: a burn-in, then an SWA phase at the constant learning rate
 ``swag.lr`` for ``swag.epochs`` epochs, during which :class:`SwagHooks` (a per-step callback)
-collects a snapshot of the adapter weights every ``swag.collect_every`` optimiser steps (default:
-K + 1 snapshots spread over the phase) into
+collects a snapshot of the adapter weights at the end of every epoch (``swag.collect: epoch``, the
+reference code's schedule) or every ``swag.collect_every`` optimiser steps (``steps``, default: K + 1
+snapshots spread over the phase, for short budgets) into
 :class:`~baselines.swag.SwagStatistics`. Prediction draws S weight vectors
 theta_s = mean + sqrt(s) (sigma z1 + D^T z2 / sqrt(K-1)) once (seeded) and evaluates every
 example under each: S backbone passes per example.
@@ -19,6 +20,7 @@ example under each: S backbone passes per example.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,19 +60,32 @@ class BLoraXsConfig(SwagConfig):
 
 
 class SwagHooks(ClassifierHooks):
-    """Cross-entropy, plus a SWAG snapshot of the parameters every ``swag.interval(total)`` steps."""
+    """Cross-entropy, plus a SWAG snapshot of the parameters at the end of every epoch (``swag.collect:
+    epoch``; the first step that ends in a new epoch, so gradient accumulation cannot skip one) or every
+    ``swag.interval(total)`` steps."""
 
     def __init__(self, backbone: Backbone, params: dict[str, torch.nn.Parameter], stats: SwagStatistics,
                  swag: SwagSettings):
         super().__init__(backbone, params)
         self.stats, self.swag = stats, swag
         self.collect_every = 1
+        self.epochs_collected = 0
 
     def on_train_begin(self, total_steps: int) -> None:
         self.collect_every = self.swag.interval(total_steps)
 
+    def due(self, step: int, epoch: float) -> bool:
+        """Whether the step that just ended takes a snapshot."""
+        if self.swag.collect == "epoch":
+            finished = math.floor(epoch + 1e-9)
+            if finished > self.epochs_collected:
+                self.epochs_collected = finished
+                return True
+            return False
+        return step % self.collect_every == 0
+
     def on_step_end(self, step: int, epoch: float) -> None:
-        if step % self.collect_every == 0:
+        if self.due(step, epoch):
             self.stats.collect(flatten(self.params))
 
 
@@ -113,8 +128,10 @@ class _SwagPosterior(Posterior):
     def swag_report(self) -> dict[str, Any]:
         """FitReport extras of the SWA phase (after :meth:`run_swa_phase`)."""
         steps = self.swa_result.steps
+        swag = self.config.swag
         return {"swa_steps": steps, "snapshots": self.stats.n, "swag_rank": self.stats.rank,
-                "posterior_dim": self.stats.dim, "collect_every": self.config.swag.interval(steps),
+                "posterior_dim": self.stats.dim,
+                "collect_every": "epoch" if swag.collect == "epoch" else str(swag.interval(steps)),
                 "swa_seconds": self.swa_result.seconds}
 
     def draws(self, num_samples: int) -> list[dict[str, torch.Tensor]]:

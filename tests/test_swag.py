@@ -137,7 +137,7 @@ def _fit(cls, backbone, splits, tmp_path, **config):
 def test_swag_posteriors_fit_sample_and_reload_exactly(cls, tiny_backbone, toy_splits, tmp_path):
     post, report = _fit(cls, tiny_backbone, toy_splits, tmp_path, swag={"epochs": 2, "max_rank": 3})
     assert report.extra["snapshots"] == 4 and report.extra["swag_rank"] == 3  # 8 SWA steps, every 2
-    assert report.extra["swa_steps"] == 8 and report.extra["collect_every"] == 2
+    assert report.extra["swa_steps"] == 8 and report.extra["collect_every"] == "2"
     assert report.posterior_params == report.extra["posterior_dim"] * (2 + 3)
     loader = make_loader(toy_splits[2], 4)
     pred = post.predict(loader, 5)
@@ -172,6 +172,28 @@ def test_blora_xs_trains_far_fewer_parameters_than_lora(tiny_backbone, toy_split
     assert xs_report.posterior_params < lora_report.posterior_params
     xs.release()
     lora.release()
+
+
+@pytest.mark.parametrize(("batches", "grad_accum", "epochs"), [(4, 1, 3), (5, 2, 3), (3, 3, 4), (7, 3, 2)])
+def test_per_epoch_collection_takes_one_snapshot_per_epoch(tiny_backbone, batches, grad_accum, epochs):
+    from baselines.swag_lora import SwagHooks
+
+    hooks = SwagHooks(tiny_backbone, {}, SwagStatistics(1, 5), SwagSettings(collect="epoch"))
+    hooks.on_train_begin(total_steps=100)
+    taken, consumed, step = 0, 0, 0
+    while consumed < epochs * batches:  # the loop's epoch counter after each step of grad_accum minibatches
+        consumed = min(consumed + grad_accum, epochs * batches)
+        step += 1
+        taken += hooks.due(step, consumed / batches)
+    assert taken == epochs
+
+
+def test_swag_lora_with_the_reference_schedule_collects_once_per_epoch(tiny_backbone, toy_splits, tmp_path):
+    post, report = _fit(SwagLora, tiny_backbone, toy_splits, tmp_path,
+                        swag={"epochs": 3, "collect": "epoch", "max_rank": 5, "scale": 1.0})
+    assert report.extra["snapshots"] == 3 and report.extra["collect_every"] == "epoch"
+    assert report.extra["swa_steps"] == 12  # 4 minibatches per epoch
+    post.release()
 
 
 def test_swa_phase_that_collects_nothing_is_a_clear_error(tiny_backbone, toy_splits, tmp_path):
