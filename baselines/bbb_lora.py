@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNeeds
 from bayeslora.adapters import ClassifierHooks, fit_lora_adapter
-from bayeslora.backbone import Backbone, lora_parameter_count
+from bayeslora.backbone import Backbone, answer_rows, lora_parameter_count
 from bayeslora.config import AdapterConfig, check_choice
 from bayeslora.data import EncodedSplit
 from bayeslora.predict import predict_with_weights
@@ -164,7 +164,8 @@ class BbbLora(Posterior):
             fit_lora_adapter(backbone, self.adapter_name, self.config.lora, settings, train_split, val, self.seed,
                              self.artifacts)
         else:
-            backbone.add_lora(self.adapter_name, self.config.lora, seed=self.seed)
+            backbone.add_lora(self.adapter_name, self.config.lora, seed=self.seed,
+                              num_classes=len(train_split.answer_ids))
         def make_hooks(loader: DataLoader) -> BbbHooks:
             self._build(backbone, len(train_split))  # the guide's init draws follow from the seed
             return BbbHooks(backbone, self.model, self.guide, self.config.elbo_particles)
@@ -193,10 +194,11 @@ class BbbLora(Posterior):
 
     def state_dict(self) -> dict[str, Any]:
         return {"guide": {k: v.detach().cpu() for k, v in self.guide.state_dict().items()},
-                "n_data": self.model.n_data}
+                "n_data": self.model.n_data,
+                "answer_rows": answer_rows(self.require_backbone().adapter_state(self.adapter_name))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         backbone = self.require_backbone()
-        backbone.ensure_adapter(self.adapter_name, self.config.lora)
+        backbone.ensure_adapter(self.adapter_name, self.config.lora, num_classes=state.get("answer_rows"))
         self._build(backbone, state["n_data"])
         self.guide.load_state_dict(state["guide"])

@@ -27,6 +27,8 @@ from .hooked_adapter import HookedAdapter
 class HookedAdapterPosterior(Posterior):
     """Base class: implement :meth:`build_adapter`, :meth:`make_hooks` and :meth:`logits`."""
 
+    adapts_lm_head = False
+
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.adapter: Any = None

@@ -100,6 +100,7 @@ class PolarVbll(Posterior):
     """PoLAR adapter + VBLL head; one backbone pass and S head samples per example."""
 
     name = "polar_vbll"
+    adapts_lm_head = False  # its own PoLAR hooks on layer modules; the VBLL head is the head
     supports_gradient_checkpointing = False
     Config = PolarVbllConfig
     description = "PoLAR adapter (landing field) + VBLL head, alternating ELBO steps, one backbone pass"

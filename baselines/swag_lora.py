@@ -195,6 +195,7 @@ class BLoraXs(_SwagPosterior):
     """B-LoRA-XS: LoRA-XS (frozen SVD factors, trainable r x r R) with SWAG over all R."""
 
     name = "blora_xs"
+    adapts_lm_head = False
     supports_gradient_checkpointing = False
     Config = BLoraXsConfig
     description = "B-LoRA-XS: LoRA-XS (SVD factors frozen, r x r trained) + SWAG over R, S forward passes"

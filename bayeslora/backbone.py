@@ -2,7 +2,9 @@
 
 The answer head reads only the last prompt position (prompts are left-padded) and only the K
 rows of the LM head that belong to the answer tokens: z(x) = W_lm[answer_ids] h_T(x) (+ bias).
-Full-vocabulary logits are never materialised.
+Full-vocabulary logits are never materialised. ``lm_head`` in ``lora.target_modules`` adds a LoRA on
+the LM head restricted to those K rows (:class:`AnswerHeadLora`):
+z(x) = W_lm[answer_ids] h + (alpha/r) B_K A dropout(h), with A (r x H) and B_K (K x r).
 """
 
 from __future__ import annotations
@@ -48,6 +50,52 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+HEAD_TARGET = "lm_head"
+"""The LoRA target name of the answer head (the LM head's K answer rows)."""
+
+
+class AnswerHeadLora(nn.Module):
+    """LoRA on the LM head restricted to the K answer rows, one (A, B_K, dropout) per adapter:
+    update(h) = (alpha/r) B_K A dropout(h), (B, K). Row k of B_K belongs to the k-th answer of the task.
+
+    Its parameter paths follow peft's (``lora_A.<adapter>.weight``), so the backbone's adapter methods
+    (state, requires_grad, ``functional_call`` substitution, MC dropout) treat them as the adapter's own.
+    A starts as peft's (Kaiming uniform), B_K at zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, name: str, settings: LoraSettings, hidden: int, num_classes: int, device: torch.device) -> None:
+        self.lora_A[name] = nn.Linear(hidden, settings.r, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=5**0.5)
+        self.lora_B[name] = nn.Linear(settings.r, num_classes, bias=False, device=device)
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.scaling[name] = settings.alpha / settings.r
+
+    def remove(self, name: str) -> None:
+        for part in (self.lora_A, self.lora_B, self.lora_dropout):
+            if name in part:
+                del part[name]
+        self.scaling.pop(name, None)
+        if self.active == name:
+            self.active = None
+
+    def update(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(B, K) update of the active adapter, or None (no head LoRA active, or adapters disabled)."""
+        name = self.active
+        if self.disabled or name is None or name not in self.lora_A:
+            return None
+        a = self.lora_A[name]
+        return self.scaling[name] * self.lora_B[name](a(self.lora_dropout[name](features.to(a.weight.dtype))))
+
+
 class Backbone:
     """One frozen LM in memory with any number of named LoRA adapters (peft) on it."""
 
@@ -63,6 +111,8 @@ class Backbone:
         self.trunk: TrunkCache | None = None
         self.source_identity: dict[str, Any] | None = None
         """Where the weights came from (:func:`bayeslora.identity.model_identity`); None when built in code."""
+        self.answer_lora = AnswerHeadLora()
+        self.lm.add_module("answer_head_lora", self.answer_lora)  # its parameters are the LM's: see the class
         self._answer_module = _AnswerLogits(self)
 
     # ------------------------------------------------------------------ properties
@@ -181,6 +231,13 @@ class Backbone:
         logits = features @ weight.T
         if bias is not None:
             logits = logits + bias
+        update = self.answer_lora.update(features)
+        if update is not None:
+            if update.shape[-1] != logits.shape[-1]:
+                raise ConfigError(f"adapter {self.answer_lora.active!r} has an lm_head LoRA over {update.shape[-1]} "
+                                  f"answer rows; this set has {logits.shape[-1]} answers. Evaluate it on sets with "
+                                  "the training set's answers.")
+            logits = logits + update.float()
         return mask_choices(logits, batch["choice_mask"].to(logits.device)) if masked else logits
 
     def class_logits(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -203,19 +260,30 @@ class Backbone:
             return torch.func.functional_call(self._answer_module, params, (batch,))
 
     # ------------------------------------------------------------------ adapters
-    def add_lora(self, name: str, settings: LoraSettings, seed: int | None = None) -> None:
-        """Add LoRA adapter ``name`` (A ~ peft default init, B = 0), make it active and trainable."""
+    def add_lora(self, name: str, settings: LoraSettings, seed: int | None = None,
+                 num_classes: int | None = None) -> None:
+        """Add LoRA adapter ``name`` (A ~ peft default init, B = 0), make it active and trainable. With
+        ``lm_head`` among the targets, ``num_classes`` K sizes its answer-head LoRA (:class:`AnswerHeadLora`)."""
         from peft import LoraConfig, get_peft_model
 
         if "." in name or not name:
             raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.' (a module path separator)")
+        if name in self.adapter_names():
+            raise ConfigError(f"adapter {name!r} already exists on this backbone")
+        layer_targets = [m for m in settings.target_modules if m != HEAD_TARGET]
+        if not layer_targets:
+            raise ConfigError(f"lora.target_modules {settings.target_modules}: lm_head needs at least one layer "
+                              "module next to it, e.g. [q_proj, v_proj, lm_head]")
+        if HEAD_TARGET in settings.target_modules and num_classes is None:
+            raise ConfigError(f"adapter {name!r} targets lm_head: its answer-head LoRA needs the number of answers K "
+                              "(add_lora(..., num_classes=K), or the training split's through fit_lora_adapter)")
         if seed is not None:
             torch.manual_seed(seed)
         config = LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
-            target_modules=list(settings.target_modules),
+            target_modules=layer_targets,
             layers_to_transform=self.adapted_layers(settings),
             bias="none",
         )
@@ -223,9 +291,9 @@ class Backbone:
             self.peft_model = get_peft_model(self.lm, config, adapter_name=name)
             drop_input_require_grads_hook(self.lm)  # peft adds it back on a checkpointed model
         else:
-            if name in self.peft_model.peft_config:
-                raise ConfigError(f"adapter {name!r} already exists on this backbone")
             self.peft_model.add_adapter(name, config)
+        if HEAD_TARGET in settings.target_modules:
+            self.answer_lora.add(name, settings, self.hidden_size, int(num_classes), self.device)
         if self.trunk is not None:
             try:
                 self._check_adapters_above(self.trunk.layer)
@@ -286,6 +354,7 @@ class Backbone:
         if name not in self.adapter_names():
             raise ConfigError(f"no adapter named {name!r}; adapters on the backbone: {self.adapter_names()}")
         self.peft_model.set_adapter(name)
+        self.answer_lora.active = name
         for pname, p in self.lm.named_parameters():
             p.requires_grad_(f".{name}." in pname and "lora_" in pname)
 
@@ -306,6 +375,7 @@ class Backbone:
             if others and self.peft_model.active_adapter == name:  # activate another first (peft warns otherwise)
                 self.use_adapter(others[-1])
             self.peft_model.delete_adapter(name)
+            self.answer_lora.remove(name)
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
@@ -313,8 +383,12 @@ class Backbone:
         if not self.adapter_names():  # never wrapped, or every adapter deleted: the plain base model
             yield
         else:
-            with self.peft_model.disable_adapter():
-                yield
+            self.answer_lora.disabled = True
+            try:
+                with self.peft_model.disable_adapter():
+                    yield
+            finally:
+                self.answer_lora.disabled = False
 
     def _lora_parameter_names(self, name: str) -> dict[str, str]:
         """Adapter ``name``'s parameter keys (as in :meth:`lora_parameters`) -> full module paths."""
@@ -329,15 +403,17 @@ class Backbone:
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.lora_parameters(name).items()}
 
-    def ensure_adapter(self, name: str, settings: LoraSettings, seed: int | None = None) -> None:
+    def ensure_adapter(self, name: str, settings: LoraSettings, seed: int | None = None,
+                       num_classes: int | None = None) -> None:
         """Adapter ``name`` on the backbone: added with ``settings`` unless it is there already (reloading a
         posterior's state onto a fresh backbone)."""
         if name not in self.adapter_names():
-            self.add_lora(name, settings, seed=seed)
+            self.add_lora(name, settings, seed=seed, num_classes=num_classes)
 
     def restore_adapter(self, name: str, settings: LoraSettings, state: dict[str, torch.Tensor]) -> None:
-        """:meth:`ensure_adapter`, then its weights from ``state`` (:meth:`adapter_state`'s form)."""
-        self.ensure_adapter(name, settings)
+        """:meth:`ensure_adapter`, then its weights from ``state`` (:meth:`adapter_state`'s form; an lm_head
+        LoRA's K is read from it)."""
+        self.ensure_adapter(name, settings, num_classes=answer_rows(state))
         self.load_adapter_state(name, state)
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -388,8 +464,17 @@ class _AnswerLogits(nn.Module):
         return self._class_logits(batch)
 
 
+def answer_rows(state: dict[str, torch.Tensor]) -> int | None:
+    """K of the lm_head LoRA in an adapter state (its B_K's rows), None if the state has none."""
+    for key, value in state.items():
+        if key.startswith("answer_head_lora.lora_B"):
+            return int(value.shape[0])
+    return None
+
+
 def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Module]:
-    """The modules ``lora`` names (``target_modules`` in ``lora.layers``), keyed "layers.<i>.<path>"."""
+    """The layer modules ``lora`` names (``target_modules`` in ``lora.layers``), keyed "layers.<i>.<path>";
+    ``lm_head`` (the answer-head LoRA, not a layer module) is not among them."""
     layers = backbone.adapted_layers(lora)
     found: dict[str, nn.Module] = {}
     for name, module in backbone.lm.named_modules():
@@ -404,9 +489,10 @@ def target_modules(backbone: Backbone, lora: LoraSettings) -> dict[str, nn.Modul
     return found
 
 
-def lora_parameter_count(backbone: Backbone, lora: LoraSettings) -> int:
-    """sum over the target modules of r (d_in + d_out): LoRA's A and B."""
-    return sum(lora.r * (m.in_features + m.out_features) for m in target_modules(backbone, lora).values())
+def lora_parameter_count(backbone: Backbone, lora: LoraSettings, num_classes: int = 0) -> int:
+    """sum over the target modules of r (d_in + d_out): LoRA's A and B; with lm_head, r (H + K) more."""
+    head = lora.r * (backbone.hidden_size + num_classes) if HEAD_TARGET in lora.target_modules else 0
+    return head + sum(lora.r * (m.in_features + m.out_features) for m in target_modules(backbone, lora).values())
 
 
 def mask_choices(logits: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:

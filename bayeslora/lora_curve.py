@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from .adapters import fit_lora_adapter
 from .artifacts import ArtifactStore
-from .backbone import Backbone, lora_parameter_count
+from .backbone import Backbone, answer_rows, lora_parameter_count
 from .config import (
     AdapterConfig,
     NonNegativeFloat,
@@ -251,11 +251,12 @@ class LoraCurve(Posterior):
             anchors, reused, anchor_steps = self._map_anchors(backbone, train_split, val)
             curve = BezierCurve.through_anchors(anchors, cfg.degree, train_anchors=False)
         else:
-            points = [self._initial_point(backbone, k) for k in range(num_control_points(cfg.anchors, cfg.degree))]
+            points = [self._initial_point(backbone, k, len(train_split.answer_ids))
+                      for k in range(num_control_points(cfg.anchors, cfg.degree))]
             curve = BezierCurve(points, cfg.anchors, cfg.degree, [True] * len(points))
             reused, anchor_steps = False, 0
         self.curve = curve.to(backbone.device)
-        backbone.add_lora(self.adapter_name, cfg.lora, seed=self.seed)
+        backbone.add_lora(self.adapter_name, cfg.lora, seed=self.seed, num_classes=len(train_split.answer_ids))
         result = train_seeded(lambda _: CurveHooks(backbone, self.adapter_name, self.curve, cfg, self.seed),
                               train_split, val, cfg.curve_train_settings(), self.seed, backbone.device,
                               desc=f"train {self.adapter_name}")
@@ -282,10 +283,10 @@ class LoraCurve(Posterior):
             reused, steps = reused and fit.reused, steps + (0 if fit.reused else fit.result.steps)
         return anchors, reused, steps
 
-    def _initial_point(self, backbone: Backbone, k: int) -> Weights:
+    def _initial_point(self, backbone: Backbone, k: int, num_classes: int) -> Weights:
         """An independent LoRA initialisation (peft's: A random, B = 0) for control point k."""
         name = self.owned_adapter(f"init{k}")
-        backbone.add_lora(name, self.config.lora, seed=self.seed * 1000 + k)
+        backbone.add_lora(name, self.config.lora, seed=self.seed * 1000 + k, num_classes=num_classes)
         point = backbone.adapter_state(name)
         backbone.delete_adapter(name)
         return point
@@ -343,4 +344,5 @@ class LoraCurve(Posterior):
         backbone = self.require_backbone()
         curve = BezierCurve(state["points"], state["anchors"], state["degree"], state["trainable"])
         self.curve = curve.to(backbone.device)
-        backbone.ensure_adapter(self.adapter_name, self.config.lora, seed=self.seed)
+        backbone.ensure_adapter(self.adapter_name, self.config.lora, seed=self.seed,
+                                num_classes=answer_rows(state["points"][0]))

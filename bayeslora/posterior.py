@@ -78,6 +78,10 @@ class Posterior(abc.ABC):
     """True: the runner writes :meth:`state_dict` to the run folder (``posterior.pt``) so that later
     analyses (e.g. ``bayeslora path``) can reload the fitted posterior. Off by default: some states
     (Kronecker factors on a 7B model) take gigabytes."""
+    adapts_lm_head: ClassVar[bool] = True
+    """Whether ``lm_head`` may be among ``lora.target_modules`` (the answer-head LoRA of peft-based
+    adapters); methods with adapters of their own (forward-hook adapters) set it False and are refused
+    such settings at parse."""
     supports_gradient_checkpointing: ClassVar[bool] = True
     """False where the training forward depends on state that the backward's recomputation of a
     checkpointed layer does not see (weights swapped in by ``functional_call``, forward hooks or
@@ -95,14 +99,23 @@ class Posterior(abc.ABC):
     def make_config(cls, config: Any = None) -> Any:
         """Build ``cls.Config`` from None, a dict or an instance; unknown keys fail with the valid ones."""
         if config is None:
-            return cls.Config()
+            return cls.check_lm_head(cls.Config())
         if isinstance(config, cls.Config):
-            return config
+            return cls.check_lm_head(config)
         if not isinstance(config, dict):
             raise ConfigError(f"config of method {cls.name!r} must be a mapping, got {type(config).__name__}")
         from .config import build_dataclass
 
-        return build_dataclass(cls.Config, config, where=f"methods.{cls.name}.config")
+        return cls.check_lm_head(build_dataclass(cls.Config, config, where=f"methods.{cls.name}.config"))
+
+    @classmethod
+    def check_lm_head(cls, config: Any) -> Any:
+        """``config``, unless it asks for an lm_head LoRA this method cannot train (:attr:`adapts_lm_head`)."""
+        lora = getattr(config, "lora", None)
+        if not cls.adapts_lm_head and lora is not None and "lm_head" in getattr(lora, "target_modules", []):
+            raise ConfigError(f"method {cls.name!r} builds its own adapter on layer modules and cannot adapt "
+                              f"lm_head; give it lora.target_modules without lm_head (now {lora.target_modules})")
+        return config
 
     def attach(self, backbone: Backbone) -> Posterior:
         """Bind to a backbone (call it before load_state_dict on a fresh instance)."""

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bayeslora import DataError
-from bayeslora.backbone import load_backbone
+from bayeslora import ConfigError, DataError
+from bayeslora.backbone import load_backbone, lora_parameter_count
 from bayeslora.config import LoraSettings
 from bayeslora.data import EncodedSplit, Example, answer_token_ids, make_loader
 from bayeslora.predictive import MASKED_LOGIT
@@ -44,6 +44,60 @@ def test_answer_head_with_lora_matches_full_forward(tiny_backbone):
             base = tiny_backbone.class_logits(next(iter(make_loader(split, 4))))
     assert torch.allclose(ours, _full_lm_reference(tiny_backbone, split), atol=1e-4)
     assert not torch.allclose(ours, base, atol=1e-4)
+
+
+HEAD_LORA = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "lm_head"])
+
+
+def test_lm_head_lora_adds_b_k_a_h_over_the_answer_rows_only(tiny_backbone):
+    bb = tiny_backbone
+    with pytest.raises(ConfigError, match="number of answers K"):
+        bb.add_lora("h", HEAD_LORA, seed=0)
+    with pytest.raises(ConfigError, match="at least one layer module"):
+        bb.add_lora("h", LoraSettings(target_modules=["lm_head"]), num_classes=2)
+    bb.add_lora("h", HEAD_LORA, seed=0, num_classes=2)
+    params = bb.lora_parameters("h")
+    assert params["answer_head_lora.lora_A.weight"].shape == (2, bb.hidden_size)  # r x H
+    assert params["answer_head_lora.lora_B.weight"].shape == (2, 2)  # K x r: not the vocabulary
+    assert lora_parameter_count(bb, HEAD_LORA, num_classes=2) == sum(p.numel() for p in params.values())
+    split = EncodedSplit(toy_examples(4), bb.tokenizer, 64, "t")
+    batch = next(iter(make_loader(split, 4)))
+    with torch.no_grad():
+        untouched = bb.class_logits(batch)  # B = 0: the pretrained head
+        torch.testing.assert_close(untouched, _full_lm_reference(bb, split), atol=1e-4, rtol=0)
+        a, b = params["answer_head_lora.lora_A.weight"], params["answer_head_lora.lora_B.weight"]
+        b.normal_(0, 0.5)
+        h = bb.features(batch)  # q_proj's B is still 0: the base model's features
+        expected = untouched + (4 / 2) * (h @ a.T) @ b.T
+        torch.testing.assert_close(bb.class_logits(batch), expected, atol=1e-5, rtol=0)
+        with bb.adapters_disabled():
+            torch.testing.assert_close(bb.class_logits(batch), untouched, atol=1e-5, rtol=0)
+        state = bb.adapter_state("h")
+        doubled = {**state, "answer_head_lora.lora_B.weight": 2 * state["answer_head_lora.lora_B.weight"]}
+        with_doubled = bb.class_logits_with("h", doubled, batch)  # functional_call reaches the head too
+        torch.testing.assert_close(with_doubled, untouched + 2 * (expected - untouched), atol=1e-5, rtol=0)
+    bb.delete_adapter("h")
+    assert "answer_head_lora.lora_A.weight" not in bb.lora_parameters("h")
+    bb.restore_adapter("h", HEAD_LORA, state)  # K read from the state
+    with torch.no_grad():
+        torch.testing.assert_close(bb.class_logits(batch), expected, atol=1e-5, rtol=0)
+    three = EncodedSplit([Example(f"x{i}", "Q: ", "", "pick. Answer:", (" A", " B", " C"), i % 3) for i in range(3)],
+                         bb.tokenizer, 64, "t3")
+    with pytest.raises(ConfigError, match="over 2 answer rows; this set has 3"):
+        bb.class_logits(next(iter(make_loader(three, 4))))
+
+
+def test_map_trains_the_lm_head_lora_and_hooked_methods_refuse_it(tiny_backbone, toy_splits):
+    from baselines.blob import Blob
+    from bayeslora.adapters import fit_lora_adapter
+    from bayeslora.config import TrainSettings
+
+    fit = fit_lora_adapter(tiny_backbone, "m", HEAD_LORA, TrainSettings(epochs=1, lr=1e-2, batch_size=8,
+                                                                       progress=False), toy_splits[0], None, 0)
+    b = tiny_backbone.lora_parameters("m")["answer_head_lora.lora_B.weight"]
+    assert fit.trainable_params == lora_parameter_count(tiny_backbone, HEAD_LORA, 2) and b.abs().sum() > 0
+    with pytest.raises(ConfigError, match="cannot adapt lm_head"):
+        Blob.make_config({"lora": {"target_modules": ["q_proj", "lm_head"]}})
 
 
 def test_lora_only_on_top_layers(tiny_backbone):
