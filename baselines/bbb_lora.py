@@ -142,7 +142,7 @@ class BbbLora(Posterior):
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """A mean and a scale per LoRA parameter."""
-        return ResourceNeeds(trainable=2 * lora_parameter_count(backbone, config.lora))
+        return ResourceNeeds(trainable=2 * lora_parameter_count(backbone, config.lora, num_classes))
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)

@@ -43,7 +43,7 @@ class DeepEnsemble(Posterior):
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """M adapters trained one after another (or reused from the MAP cache), all M held to predict."""
-        lora = lora_parameter_count(backbone, config.lora)
+        lora = lora_parameter_count(backbone, config.lora, num_classes)
         return ResourceNeeds(trainable=lora, stored=(config.members - 1) * lora, training_runs=config.members,
                              predict_passes=config.members)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class LaplaceSettings(Validated):
     """Examples per GLM Jacobian call (cost grows as its square)."""
     antithetic: bool = True
     """Draw the S GLM samples in pairs f_mu +- L eps."""
+    centre_rounds: PositiveInt = 3
+    """Methods that fit their centre (last-layer Laplace): rounds of centre -> curvature -> prior tuning."""
 
     def check(self) -> None:
         check_choice("hessian_structure", self.hessian_structure, STRUCTURES)
@@ -144,20 +147,24 @@ def check_memory(params: Iterable[nn.Parameter], settings: LaplaceSettings, devi
     return needed
 
 
-def build_laplace(model: nn.Module, settings: LaplaceSettings, dict_key_x: str = "input_ids") -> Any:
-    """laplace-torch over the parameters of ``model`` that require grad (dict batches, CE likelihood)."""
+def build_laplace(model: nn.Module, settings: LaplaceSettings, dict_key_x: str = "input_ids",
+                  prior_precision: float | None = None) -> Any:
+    """laplace-torch over the parameters of ``model`` that require grad (dict batches, CE likelihood), with
+    prior precision ``prior_precision`` (default ``settings.prior_precision``)."""
     from laplace import Laplace
 
+    prior = settings.prior_precision if prior_precision is None else prior_precision
     return Laplace(model, "classification", subset_of_weights="all", hessian_structure=settings.hessian_structure,
-                   prior_precision=settings.prior_precision, dict_key_x=dict_key_x, dict_key_y="labels")
+                   prior_precision=prior, dict_key_x=dict_key_x, dict_key_y="labels")
 
 
 def tune_prior(la: Any, settings: LaplaceSettings, val_loader: Any | None) -> dict[str, float]:
-    """Tune the scalar prior precision; returns the log marginal likelihood before and after."""
+    """Tune the scalar prior precision (marglik starts from ``la``'s); returns the log marginal likelihood
+    before and after."""
     before = float(la.log_marginal_likelihood())
     if settings.prior_method == "marglik":
         la.optimize_prior_precision(method="marglik", pred_type="glm", n_steps=settings.prior_steps,
-                                    lr=settings.prior_lr, init_prior_prec=settings.prior_precision)
+                                    lr=settings.prior_lr, init_prior_prec=float(la.prior_precision.mean()))
     elif settings.prior_method == "gridsearch":
         if val_loader is None:
             raise ConfigError("prior_method: gridsearch needs a validation split (data.max_val > 0)")
@@ -230,7 +237,7 @@ class LaplacePosterior(Posterior):
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """The MAP adapter, the curvature factors of :func:`structure_bytes` over :meth:`laplace_shapes`,
         and one linearised pass per example (the S samples are drawn in logit space)."""
-        lora = lora_parameter_count(backbone, config.lora)
+        lora = lora_parameter_count(backbone, config.lora, num_classes)
         factors = structure_bytes(cls.laplace_shapes(backbone, config, num_classes), config.hessian_structure) // 4
         return ResourceNeeds(trainable=lora, stored=factors, predict_passes=1)
 
@@ -261,21 +268,39 @@ class LaplacePosterior(Posterior):
     def curvature_context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def fit_centre(self, train: EncodedSplit, prior_precision: float) -> dict[str, float] | None:
+        """Move the posterior's parameters to the MAP of the regularised training loss under
+        ``prior_precision`` before the curvature pass; None where the trained adapter is the centre
+        (Laplace-LoRA). Methods that fit their centre are refitted after each prior tuning (``centre_rounds``)."""
+        return None
+
     # ------------------------------------------------------------------ the flow
     def fit(self, backbone: Backbone, train: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
+        """MAP adapter; then up to ``centre_rounds`` rounds of centre (where the method fits one) ->
+        curvature -> prior tuning, until the tuned prior precision moves by less than 1%."""
         report = map_fit_report(self.map.fit(backbone, train, val))
         self.map.use()  # only this adapter's LoRA parameters require grad
         model = self.laplace_model(train)
         params = [p for p in model.parameters() if p.requires_grad]
         factor_bytes = check_memory(params, self.config, backbone.device)
-        self.la = build_laplace(model, self.config, self.dict_key_x)
-        # laplace-torch's curvlinops backend builds some operands (an identity for the full GGN) with
-        # factory defaults: make the backbone's device the default so they do not land on the CPU
-        with self.curvature_context(), differentiable_attention(), torch.device(backbone.device):
-            self.la.fit(self.curvature_loader(train))
-            tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
+        prior, centre, rounds = self.config.prior_precision, None, 0
+        while True:
+            rounds += 1
+            centre = self.fit_centre(train, prior)
+            self.la = build_laplace(model, self.config, self.dict_key_x, prior_precision=prior)
+            # laplace-torch's curvlinops backend builds some operands (an identity for the full GGN) with
+            # factory defaults: make the backbone's device the default so they do not land on the CPU
+            with self.curvature_context(), differentiable_attention(), torch.device(backbone.device):
+                self.la.fit(self.curvature_loader(train))
+                tuned = tune_prior(self.la, self.config, self.validation_loader(val) if val is not None else None)
+            moved = abs(math.log(tuned["prior_precision"] / prior))
+            prior = tuned["prior_precision"]
+            if centre is None or moved < 0.01 or rounds >= self.config.centre_rounds:
+                break
         report.posterior_params = sum(p.numel() for p in params)
-        report.extra.update({**tuned, "factor_bytes": factor_bytes, "hessian_structure": self.config.hessian_structure})
+        report.extra.update({**tuned, **(centre or {}), "factor_bytes": factor_bytes,
+                             "hessian_structure": self.config.hessian_structure,
+                             **({"centre_rounds": rounds} if centre is not None else {})})
         return report
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:

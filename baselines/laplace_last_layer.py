@@ -1,11 +1,22 @@
-"""Last-layer Laplace: laplace-torch on the K answer rows of the LM head only (docs/methods.md).
+"""Last-layer Laplace: laplace-torch on the K answer rows of the LM head, at their MAP (docs/methods.md).
 
 The MAP adapter's features phi(x) (last-position hidden state after the final norm) come from the
-feature cache (:mod:`bayeslora.features`), computed once per example; the head z = W phi + b
-(W: the K answer-token rows of the LM head, initialised at their pretrained values) gets
-p(W | D) ~= N(W, (H + lambda I)^-1) with H the GGN of the CE loss (full by default: K x H
-parameters), lambda by log marginal likelihood. Prediction runs the backbone
-once per example and draws S logit samples of the GLM predictive f ~ N(W phi, J Sigma J^T).
+feature cache (:mod:`bayeslora.features`), computed once per example. The head is
+
+    z = (W_K + D) phi + b,
+
+W_K the pretrained answer rows and b their bias (fixed), D (K x H) the parameters the posterior is
+over, with prior N(0, lambda^-1 I): centred on the pretrained head, as laplace-torch's zero-mean prior
+then means. D starts at the MAP adapter's lm_head LoRA update (alpha/r) B_K A when the adapter has one
+(0 otherwise) and is fitted to the MAP of the regularised training loss
+
+    L(D) = sum_n CE(z_n, y_n) + (lambda/2) ||D||^2
+
+by L-BFGS on the cached features (a convex problem: the gradient at the centre is ~0, reported as
+``fit_centre_grad_norm``). p(D | data) ~= N(D*, (H + lambda I)^-1), H the GGN (full by default),
+lambda by log marginal likelihood; centre, curvature and lambda are refitted until lambda moves by
+less than 1% (``centre_rounds``). Prediction runs the backbone once per example and draws S logit
+samples of the GLM predictive f ~ N(z(D*), J Sigma J^T).
 """
 
 from __future__ import annotations
@@ -14,32 +25,80 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from bayeslora.backbone import Backbone
 from bayeslora.data import EncodedSplit
 from bayeslora.features import cached_features, check_answer_ids, feature_batch
+from bayeslora.predictive import MASKED_LOGIT
 
 from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
 from .map_lora import AdapterConfig
 
 
 class AnswerHead(nn.Module):
-    """z = W phi + b over the K answer rows, for batches {"features": (B, H), ...}; an nn.Linear, so
-    every Hessian structure of laplace-torch (K-FAC included) applies."""
+    """z = (W_K + D) phi + b for batches {"features": (B, H), ...}: W_K and b fixed buffers, D an nn.Linear
+    without bias (so every Hessian structure of laplace-torch, K-FAC included, applies)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor | None = None):
         super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                                device=weight.device, dtype=weight.dtype)
+        self.register_buffer("base_weight", weight.detach().clone())
+        self.register_buffer("base_bias", None if bias is None else bias.detach().clone())
+        self.delta = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
+                               dtype=weight.dtype)
         with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            if bias is not None:
-                self.linear.bias.copy_(bias)
+            self.delta.weight.copy_(torch.zeros_like(weight) if delta is None else delta)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        z = features @ self.base_weight.T + self.delta(features)
+        return z if self.base_bias is None else z + self.base_bias
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.linear(batch["features"].to(self.linear.weight.device))
+        return self.logits(batch["features"].to(self.base_weight.device))
+
+
+def regularised_loss(head: AnswerHead, features: torch.Tensor, labels: torch.Tensor, prior_precision: float,
+                     choice_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L(D) = sum_n CE(z_n, y_n) + (lambda/2) ||D||^2: the negative log joint laplace-torch's posterior is of
+    (options an example lacks shifted by MASKED_LOGIT, as :class:`LogitsModel` does)."""
+    z = head.logits(features)
+    if choice_mask is not None:
+        z = torch.where(choice_mask, z, z + MASKED_LOGIT)
+    nll = F.cross_entropy(z, labels, reduction="sum")
+    return nll + 0.5 * prior_precision * head.delta.weight.pow(2).sum()
+
+
+def fit_head_map(head: AnswerHead, features: torch.Tensor, labels: torch.Tensor, prior_precision: float,
+                 choice_mask: torch.Tensor | None = None, max_iter: int = 500) -> float:
+    """D <- argmin L(D) by full-batch L-BFGS (strong Wolfe); returns ||grad L|| at the result."""
+    weight = head.delta.weight
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = regularised_loss(head, features, labels, prior_precision, choice_mask)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+        optimizer.zero_grad()
+        loss = regularised_loss(head, features, labels, prior_precision, choice_mask)
+        (grad,) = torch.autograd.grad(loss, weight)
+    return float(grad.norm())
+
+
+def head_lora_delta(backbone: Backbone) -> torch.Tensor | None:
+    """(alpha/r) B_K A of the active adapter's lm_head LoRA (K x H), or None without one."""
+    head = backbone.answer_lora
+    name = head.active
+    if name is None or name not in head.lora_A:
+        return None
+    with torch.no_grad():
+        return head.scaling[name] * head.lora_B[name].weight.float() @ head.lora_A[name].weight.float()
 
 
 @dataclass
@@ -75,11 +134,26 @@ class LastLayerLaplace(LaplacePosterior):
         return features.loader(self.config.train.eval_batch_size)
 
     def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
-        """A fresh head on the answer rows of ``train`` (at fit), or on the rows saved with the state."""
+        """A fresh head on the answer rows of ``train`` (at fit; D from the MAP adapter's lm_head LoRA, if
+        any), or on the rows saved with the state."""
         if train is not None:
             self.answer_ids = train.answer_ids.cpu()
-            self.head = AnswerHead(*self.require_backbone().head_weight(self.answer_ids))
+            backbone = self.require_backbone()
+            self.head = AnswerHead(*backbone.head_weight(self.answer_ids), delta=head_lora_delta(backbone))
         return LogitsModel(self.head, self.head.forward)
+
+    def fit_centre(self, train: EncodedSplit, prior_precision: float) -> dict[str, float]:
+        """D at the MAP of the regularised loss on the cached training features (the posterior's centre)."""
+        batches = list(self._feature_loader(train))
+        device = self.head.base_weight.device
+        x, y, mask = (torch.cat([b[k] for b in batches]).to(device) for k in ("features", "labels", "choice_mask"))
+        with torch.no_grad():
+            start = float(regularised_loss(self.head, x, y, prior_precision, mask))
+        grad_norm = fit_head_map(self.head, x, y, prior_precision, mask)
+        with torch.no_grad():
+            end = float(regularised_loss(self.head, x, y, prior_precision, mask))
+        return {"centre_loss_start": start, "centre_loss": end, "centre_grad_norm": grad_norm,
+                "centre_delta_norm": float(self.head.delta.weight.norm())}
 
     def curvature_loader(self, train: EncodedSplit) -> DataLoader:
         return self._feature_loader(train)

@@ -90,8 +90,9 @@ class SwagHooks(ClassifierHooks):
 
 
 def swa_settings(train_settings: TrainSettings, swag: SwagSettings) -> TrainSettings:
-    """The SWA phase: constant learning rate, no warm-up, no early stopping."""
-    return dataclasses.replace(train_settings, epochs=swag.epochs, lr=swag.lr or train_settings.lr,
+    """The SWA phase: ``swag.epochs`` (not the burn-in's step budget), constant learning rate, no warm-up,
+    no early stopping."""
+    return dataclasses.replace(train_settings, epochs=swag.epochs, max_steps=None, lr=swag.lr or train_settings.lr,
                                schedule="constant", warmup_ratio=0.0, early_stopping_patience=None)
 
 
@@ -166,7 +167,7 @@ class SwagLora(_SwagPosterior):
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """MAP adapter, then the SWA phase; SWAG keeps the mean, second moment and K deviations."""
-        lora = lora_parameter_count(backbone, config.lora)
+        lora = lora_parameter_count(backbone, config.lora, num_classes)
         return ResourceNeeds(trainable=lora, stored=(config.swag.max_rank + 2) * lora, training_runs=2)
 
     def weights(self) -> dict[str, torch.nn.Parameter]:
@@ -205,7 +206,7 @@ class BLoraXs(_SwagPosterior):
         """r x r R per module trained; SWAG moments and K deviations over them; frozen SVD factors."""
         modules = target_modules(backbone, config.lora)
         r_params = len(modules) * config.lora.r**2
-        frozen = lora_parameter_count(backbone, config.lora)
+        frozen = lora_parameter_count(backbone, config.lora, num_classes)
         return ResourceNeeds(trainable=r_params, stored=(config.swag.max_rank + 2) * r_params + frozen,
                              training_runs=2)
 

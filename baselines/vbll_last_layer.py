@@ -59,7 +59,7 @@ class VbllLastLayer(Posterior):
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """The MAP adapter (trained or cached), then the head's mean and variance (2 K H) on cached
         features; one backbone pass per test example."""
-        lora = lora_parameter_count(backbone, config.lora)
+        lora = lora_parameter_count(backbone, config.lora, num_classes)
         return ResourceNeeds(trainable=lora, stored=2 * num_classes * backbone.hidden_size, training_runs=2,
                              predict_passes=1)
 

@@ -265,6 +265,8 @@ class TrainSettings(Validated):
 
     epochs: PositiveFloat = 1.0
     """Passes over the training split (fractions allowed)."""
+    max_steps: PositiveInt | None = None
+    """A fixed budget of optimiser steps that replaces ``epochs`` (the published protocols', e.g. 5,000)."""
     lr: PositiveFloat = 1e-4
     """AdamW's peak learning rate."""
     batch_size: PositiveInt = 8
@@ -291,7 +293,7 @@ class TrainSettings(Validated):
     """Show a progress bar."""
 
 
-TRAIN_FIELDS_KEYED_ONLY_OFF_DEFAULT = {"keep": "best_val"}
+TRAIN_FIELDS_KEYED_ONLY_OFF_DEFAULT = {"keep": "best_val", "max_steps": None}
 """TrainSettings fields added after results existed, with the default that reproduces the loop from
 before: at that default they are left out of run ids and artifact keys (:func:`train_key`), so finished
 runs and cached adapters stay valid; any other value is part of the key."""

@@ -227,7 +227,7 @@ class LoraCurve(Posterior):
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """Anchored: M MAP anchors (trained or cached) held frozen while the (M-1)(n-1) interior control
         points train; free: all (M-1) n + 1 points train. Each point is one LoRA adapter."""
-        lora = lora_parameter_count(backbone, config.lora)
+        lora = lora_parameter_count(backbone, config.lora, num_classes)
         points = num_control_points(config.anchors, config.degree)
         if config.mode == "anchored":
             return ResourceNeeds(trainable=(points - config.anchors) * lora, stored=config.anchors * lora,

@@ -184,7 +184,7 @@ class Posterior(abc.ABC):
         from .config import LoraSettings
 
         lora = getattr(config, "lora", None)
-        trainable = lora_parameter_count(backbone, lora) if isinstance(lora, LoraSettings) else 0
+        trainable = lora_parameter_count(backbone, lora, num_classes) if isinstance(lora, LoraSettings) else 0
         return ResourceNeeds(trainable=trainable, training_runs=int(trainable > 0),
                              predict_passes=1 if cls.deterministic else None)
 

@@ -136,7 +136,8 @@ def autocast_context(settings: TrainSettings, device: torch.device) -> Any:
 
 def train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, device: torch.device,
           val_loader: DataLoader | None = None, desc: str = "train") -> TrainResult:
-    """Run the loop for ``settings.epochs`` epochs (fractional allowed) of ``loader``."""
+    """Run the loop for ``settings.max_steps`` optimiser steps, or else ``settings.epochs`` epochs (fractional
+    allowed) of ``loader``."""
     with phase("train"):
         return _train(hooks, loader, settings, device, val_loader, desc)
 
@@ -153,7 +154,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
         raise ConfigError(f"{desc}: no trainable parameters were given to the training loop")
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     world = distributed.world_size()  # data parallel: one step = grad_accum x world minibatches
-    total = max(1, math.ceil(settings.epochs * len(loader) / (settings.grad_accum * world)))
+    total = settings.max_steps or max(1, math.ceil(settings.epochs * len(loader) / (settings.grad_accum * world)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total))
     hooks.on_train_begin(total)
     result = TrainResult()

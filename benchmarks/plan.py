@@ -126,11 +126,15 @@ def plan_run(run: RunSpec, backbone: Backbone, device: Device) -> dict[str, Any]
                            if needs.jacobian_batch else
                            activation_bytes(backbone, lora, run.model, eval_batch, on_gpu, False))
     epochs = train_settings.epochs if trains else 0.0
+    if trains and train_settings.max_steps:  # a step budget: passes = steps x examples per step / N
+        per_step = train_settings.batch_size * train_settings.grad_accum
+        epochs = train_settings.max_steps * per_step / run.data.max_train if run.data.max_train else float("nan")
     predict_passes = needs.predict_passes if needs.predict_passes is not None else run.num_samples
     peak = max(train_peak, predict_peak)
     return {
         "model": run.model.name, "method": run.method.label, "dataset": run.dataset.name,
-        "base_params": base, "lora_params": _lora_count(backbone, lora), "trainable": needs.trainable,
+        "targets": ",".join(lora.target_modules) if lora is not None else "",
+        "base_params": base, "lora_params": _lora_count(backbone, lora, num_classes), "trainable": needs.trainable,
         "stored": needs.stored, "train_gb": train_peak / GB, "predict_gb": predict_peak / GB,
         "train_passes_per_example": epochs * needs.training_runs, "predict_passes_per_example": predict_passes,
         "n_train": run.data.max_train, "n_test": run.data.max_test, "device": kind, "capacity_gb": capacity,
@@ -138,8 +142,8 @@ def plan_run(run: RunSpec, backbone: Backbone, device: Device) -> dict[str, Any]
     }
 
 
-def _lora_count(backbone: Backbone, lora: LoraSettings | None) -> int:
-    return lora_parameter_count(backbone, lora) if lora is not None else 0
+def _lora_count(backbone: Backbone, lora: LoraSettings | None, num_classes: int) -> int:
+    return lora_parameter_count(backbone, lora, num_classes) if lora is not None else 0
 
 
 def plan_suite(suite: Suite, device: Device) -> pd.DataFrame:
@@ -163,6 +167,7 @@ def format_plan(table: pd.DataFrame) -> str:
 
     shown = pd.DataFrame({
         "model": table["model"], "method": table["method"], "dataset": table["dataset"], "runs": table["runs"],
+        "LoRA targets": table["targets"],
         "base params": table["base_params"].map("{:,}".format),
         "LoRA params": table["lora_params"].map("{:,}".format),
         "trainable": table["trainable"].map("{:,}".format), "stored": table["stored"].map("{:,}".format),

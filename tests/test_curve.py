@@ -193,7 +193,7 @@ def test_free_curve_trains_every_control_point(tiny_backbone, toy_splits):
     train, val, test = toy_splits
     post = LoraCurve(curve_config(mode="free", t_sampling="stratified", perturbation=0.01), seed=1)
     post.attach(tiny_backbone)
-    initial = [post._initial_point(tiny_backbone, k) for k in range(5)]
+    initial = [post._initial_point(tiny_backbone, k, num_classes=2) for k in range(5)]
     report = post.fit(tiny_backbone, train, val)
     assert report.trainable_params == 5 * sum(v.numel() for v in initial[0].values())
     after = post.curve.values()

@@ -115,7 +115,8 @@ def test_last_layer_laplace_one_backbone_pass_matches_laplace_torch_and_reloads(
     post = get_method("laplace_last_layer")(CONFIG, seed=0)
     report = post.fit(tiny_backbone, train, val)
     assert report.posterior_params == 2 * tiny_backbone.hidden_size
-    assert report.extra["log_marglik"] > report.extra["log_marglik_init"]
+    assert report.extra["log_marglik"] >= report.extra["log_marglik_init"]
+    assert 1 <= report.extra["centre_rounds"] <= 3 and report.extra["centre_loss"] <= report.extra["centre_loss_start"]
     loader = make_loader(test, 4)
     passes = tiny_backbone.num_forward_passes
     pred = post.predict(loader, 6)
@@ -137,6 +138,37 @@ def test_last_layer_laplace_one_backbone_pass_matches_laplace_torch_and_reloads(
     other = dict(next(iter(loader)), answer_ids=torch.tensor([1, 2]))
     with pytest.raises(ConfigError, match="same answer tokens"):
         again.predict([other], 2)
+
+
+def test_last_layer_posterior_is_centred_at_the_map_of_the_trained_head(tiny_backbone, toy_splits):
+    from baselines.laplace_last_layer import regularised_loss
+
+    train, val, _ = toy_splits
+    lora = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "lm_head"]}
+    config = {**CONFIG, "lora": lora, "prior_method": "none", "prior_precision": 2.0}
+    post = get_method("laplace_last_layer")(config, seed=0)
+    report = post.fit(tiny_backbone, train, val)
+    head = post.head
+    lora_b = tiny_backbone.lora_parameters(post.map.name)["answer_head_lora.lora_B.weight"]
+    assert lora_b.abs().sum() > 0  # MAP trained the lm_head LoRA, and the head started from its update
+    batches = [feature_batch(tiny_backbone, b) for b in make_loader(train, 8)]
+    x = torch.cat([b["features"] for b in batches]).double()
+    y = torch.cat([b["labels"] for b in batches])
+    centre = head.delta.weight.detach().double().requires_grad_(True)
+
+    def loss(delta):  # sum CE + (lambda/2)||D||^2 by hand, in float64
+        z = x @ (head.base_weight.double() + delta).T
+        return torch.nn.functional.cross_entropy(z, y, reduction="sum") + 0.5 * 2.0 * delta.pow(2).sum()
+
+    (grad,) = torch.autograd.grad(loss(centre), centre)
+    zero = torch.zeros_like(centre, requires_grad=True)
+    (grad_zero,) = torch.autograd.grad(loss(zero), zero)
+    assert float(grad.norm()) < 1e-3 * max(1.0, float(grad_zero.norm()))  # ~0 at the centre
+    assert float(grad_zero.norm()) > 1e-2  # and not at the pretrained rows
+    assert report.extra["centre_grad_norm"] < 1e-3
+    assert float(regularised_loss(head, x.float(), y, 2.0)) == pytest.approx(report.extra["centre_loss"], rel=1e-4)
+    assert torch.allclose(post.la.mean, head.delta.weight.detach().flatten())  # laplace-torch's mean is D*
+    post.release()
 
 
 @pytest.mark.parametrize("method", ["laplace_lora", "laplace_last_layer"])
