@@ -165,7 +165,7 @@ class BbbLora(Posterior):
                              self.artifacts)
         else:
             backbone.add_lora(self.adapter_name, self.config.lora, seed=self.seed,
-                              num_classes=len(train_split.answer_ids))
+                              answer_ids=train_split.answer_ids)
         def make_hooks(loader: DataLoader) -> BbbHooks:
             self._build(backbone, len(train_split))  # the guide's init draws follow from the seed
             return BbbHooks(backbone, self.model, self.guide, self.config.elbo_particles)

@@ -9,6 +9,7 @@ adapters on it stay untouched. Used by PoLAR (:mod:`baselines.polar`), BLoB, Bay
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -65,3 +66,24 @@ class HookedAdapter(nn.Module):
             return output + self.update(key, inputs[0]).to(output.dtype)
 
         return add_update
+
+
+class LoraHookAdapter(HookedAdapter):
+    """Plain LoRA as a hooked adapter: update(x) = (alpha/r) B A x, A (r x d_in) as peft initialises it
+    (Kaiming uniform), B (d_out x r) at zero. For methods that train it next to a head of their own."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], r: int, alpha: float, seed: int = 0):
+        super().__init__(modules)
+        generator = torch.Generator().manual_seed(seed)
+        self.scale = alpha / r
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for key, module in self.modules_by_key.items():
+            device = next(module.parameters()).device
+            bound = 1.0 / math.sqrt(module.in_features)  # kaiming_uniform(a=sqrt 5), as peft's LoRA A
+            a = (torch.rand(r, module.in_features, generator=generator) * 2 - 1) * bound
+            self.A[key] = nn.Parameter(a.to(device))
+            self.B[key] = nn.Parameter(torch.zeros(module.out_features, r, device=device))
+
+    def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.A[key]
+        return self.scale * (x.to(a.dtype) @ a.T) @ self.B[key].T

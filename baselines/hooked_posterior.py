@@ -47,8 +47,8 @@ class HookedAdapterPosterior(Posterior):
         return self.require_backbone().class_logits(batch)
 
     def sample(self, batch: dict[str, Any], num_samples: int) -> torch.Tensor:
-        """(B, S, K): S forward passes, each with fresh noise."""
-        return torch.stack([self.logits(batch) for _ in range(num_samples)], dim=1)
+        """(B, S, K): S forward passes, each with fresh noise (one pass, S = 1, for deterministic methods)."""
+        return torch.stack([self.logits(batch) for _ in range(1 if self.deterministic else num_samples)], dim=1)
 
     def _build(self, backbone: Backbone) -> None:
         self.adapter = self.build_adapter(backbone)

@@ -8,6 +8,9 @@ the head with the features detached (computed without gradients); ``joint`` upda
 Before each optimiser step the gradients of X and Y are replaced by the landing field, which keeps
 them near-orthogonal; the final ||P^T P - I||_F is reported as ``fit_orthogonality_error``.
 Prediction: one backbone pass per example (adapter active), then S draws of the head's predictive.
+
+``lora_vbll`` (:class:`LoraVbll`) is the same with a plain LoRA adapter (dW = (alpha/r) B A, no landing
+field), trained jointly with the head: the LoRA + VBLL baseline PoLAR-VBLL is compared with.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from bayeslora.features import check_answer_ids, feature_batch
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainingHooks, TrainResult, train_seeded
 
+from .hooked_adapter import HookedAdapter, LoraHookAdapter
 from .map_lora import AdapterConfig
 from .polar import PolarAdapter
 from .vbll_head import VbllHead, VbllHeadHooks, VbllSettings
@@ -59,19 +63,32 @@ class PolarVbllConfig(AdapterConfig):
         self.vbll.check()
 
 
+@dataclass
+class LoraVbllConfig(PolarVbllConfig):
+    """As PoLAR-VBLL's; the adapter is a plain LoRA, so ``landing_strength`` and ``stiefel_lr`` are not used,
+    and both train every step (``schedule: joint``)."""
+
+    schedule: str = "joint"
+    """joint (adapter and head every step) or alternate."""
+
+
 class PolarVbllHooks(TrainingHooks):
     """-ELBO of the head on the adapted model's features; landing field on X, Y before each step."""
 
-    def __init__(self, backbone: Backbone, adapter: PolarAdapter, head: VbllHead, config: PolarVbllConfig,
+    def __init__(self, backbone: Backbone, adapter: HookedAdapter, head: VbllHead, config: PolarVbllConfig,
                  seed: int):
         self.backbone, self.adapter, self.head, self.config = backbone, adapter, head, config
         self.head_hooks = VbllHeadHooks(head, seed=seed)
 
     def param_groups(self) -> list[dict[str, Any]]:
+        """PoLAR's X and Y at ``stiefel_lr`` without weight decay, the adapter's other parameters (Theta; a
+        plain LoRA's A and B) at train.lr, the head at ``head_lr``."""
         stiefel_lr = self.config.stiefel_lr if self.config.stiefel_lr is not None else self.config.train.lr
-        return [{"params": self.adapter.stiefel_parameters(), "lr": stiefel_lr, "weight_decay": 0.0},
-                {"params": list(self.adapter.Theta.values())},
-                {"params": list(self.head.parameters()), "lr": self.config.head_lr, "weight_decay": 0.0}]
+        stiefel = self.adapter.stiefel_parameters() if isinstance(self.adapter, PolarAdapter) else []
+        rest = [p for p in self.adapter.parameters() if all(p is not q for q in stiefel)]
+        groups = [{"params": stiefel, "lr": stiefel_lr, "weight_decay": 0.0}] if stiefel else []
+        return groups + [{"params": rest},
+                         {"params": list(self.head.parameters()), "lr": self.config.head_lr, "weight_decay": 0.0}]
 
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         joint = self.config.schedule == "joint"
@@ -83,7 +100,8 @@ class PolarVbllHooks(TrainingHooks):
         return self.head.loss(features, batch["labels"], batch["choice_mask"])
 
     def transform_gradients(self) -> None:
-        self.adapter.apply_landing(self.config.landing_strength)
+        if isinstance(self.adapter, PolarAdapter):
+            self.adapter.apply_landing(self.config.landing_strength)
 
     def val_nll(self, loader: DataLoader) -> float:
         return self.head_hooks.val_nll(feature_batch(self.backbone, b) for b in loader)
@@ -115,14 +133,17 @@ class PolarVbll(Posterior):
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.adapter: PolarAdapter | None = None
+        self.adapter: HookedAdapter | None = None
         self.head: VbllHead | None = None
         self.answer_ids: torch.Tensor | None = None
         self.train_result: TrainResult | None = None
 
-    def _build(self, backbone: Backbone, answer_ids: torch.Tensor, regularization_weight: float) -> None:
+    def build_adapter(self, backbone: Backbone) -> HookedAdapter:
         lora = self.config.lora
-        self.adapter = PolarAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed)
+        return PolarAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed)
+
+    def _build(self, backbone: Backbone, answer_ids: torch.Tensor, regularization_weight: float) -> None:
+        self.adapter = self.build_adapter(backbone)
         backbone.check_above_trunk(self.name, min(self.adapter.layer_indices()))
         self.answer_ids = answer_ids.cpu()
         self.head = VbllHead.for_backbone(backbone, self.answer_ids, regularization_weight, self.config.vbll)
@@ -143,8 +164,9 @@ class PolarVbll(Posterior):
             trainable_params=n_adapter + sum(p.numel() for p in self.head.parameters()),
             posterior_params=self.head.num_posterior_params(),
             train_steps=result.steps,
-            extra={"orthogonality_error": self.adapter.orthogonality_error(), "adapter_params": n_adapter,
-                   "best_val_nll": result.best_val_nll, "train_seconds": result.seconds},
+            extra={"adapter_params": n_adapter, "best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
+                   **({"orthogonality_error": self.adapter.orthogonality_error()}
+                      if isinstance(self.adapter, PolarAdapter) else {})},
         )
 
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
@@ -167,3 +189,21 @@ class PolarVbll(Posterior):
         self._build(self.require_backbone(), state["answer_ids"], state["regularization_weight"])
         self.adapter.load_state_dict(state["adapter"])
         self.head.load_state_dict(state["head"])
+
+
+class LoraVbll(PolarVbll):
+    """LoRA + VBLL head trained jointly on the head's ELBO (PoLAR-VBLL's baseline); one backbone pass."""
+
+    name = "lora_vbll"
+    description = "LoRA adapter + VBLL head trained jointly on the ELBO, one backbone pass, S head samples"
+    Config = LoraVbllConfig
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        """A and B per module and the head's 2 K H, trained together; one backbone pass per test example."""
+        return ResourceNeeds(trainable=lora_parameter_count(backbone, config.lora)
+                             + 2 * num_classes * backbone.hidden_size, predict_passes=1)
+
+    def build_adapter(self, backbone: Backbone) -> HookedAdapter:
+        lora = self.config.lora
+        return LoraHookAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed)

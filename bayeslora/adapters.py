@@ -103,7 +103,7 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
                      cache_kind: str | None = "map_adapter") -> AdapterFit:
     """Add adapter ``name`` and train it by CE (AdamW; weight decay from ``settings``), or load it from
     ``artifacts`` when an adapter with the same key was trained before."""
-    backbone.add_lora(name, lora, seed=seed, num_classes=len(train_split.answer_ids))
+    backbone.add_lora(name, lora, seed=seed, answer_ids=train_split.answer_ids)
     params = backbone.lora_parameters(name)
     n_params = sum(p.numel() for p in params.values())
     key = map_adapter_key(backbone, lora, settings, train_split, val_split, seed, hooks_cls) if cache_kind else None

@@ -56,7 +56,11 @@ HEAD_TARGET = "lm_head"
 
 class AnswerHeadLora(nn.Module):
     """LoRA on the LM head restricted to the K answer rows, one (A, B_K, dropout) per adapter:
-    update(h) = (alpha/r) B_K A dropout(h), (B, K). Row k of B_K belongs to the k-th answer of the task.
+    update(h) = (alpha/r) B_K A dropout(h), (B, K). Row k of B_K belongs to the k-th answer token of the
+    training set (``ids``, when known): a set with other answer tokens gets the rows of the tokens they
+    share and no update for the others, as a LoRA over the whole LM head would give them (its rows for
+    tokens never trained stay at B = 0). Without ``ids`` (an adapter restored from a saved state) the rows
+    apply by position and a set with another number of answers is refused.
 
     Its parameter paths follow peft's (``lora_A.<adapter>.weight``), so the backbone's adapter methods
     (state, requires_grad, ``functional_call`` substitution, MC dropout) treat them as the adapter's own.
@@ -68,32 +72,51 @@ class AnswerHeadLora(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.ids: dict[str, torch.Tensor] = {}
         self.active: str | None = None
         self.disabled = False
 
-    def add(self, name: str, settings: LoraSettings, hidden: int, num_classes: int, device: torch.device) -> None:
+    def add(self, name: str, settings: LoraSettings, hidden: int, num_classes: int, device: torch.device,
+            answer_ids: torch.Tensor | None = None) -> None:
         self.lora_A[name] = nn.Linear(hidden, settings.r, bias=False, device=device)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=5**0.5)
         self.lora_B[name] = nn.Linear(settings.r, num_classes, bias=False, device=device)
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.scaling[name] = settings.alpha / settings.r
+        if answer_ids is not None:
+            self.ids[name] = answer_ids.detach().cpu()
 
     def remove(self, name: str) -> None:
         for part in (self.lora_A, self.lora_B, self.lora_dropout):
             if name in part:
                 del part[name]
         self.scaling.pop(name, None)
+        self.ids.pop(name, None)
         if self.active == name:
             self.active = None
 
-    def update(self, features: torch.Tensor) -> torch.Tensor | None:
-        """(B, K) update of the active adapter, or None (no head LoRA active, or adapters disabled)."""
+    def update(self, features: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, K) update of the active adapter for the set's ``answer_ids``, or None (no head LoRA active, or
+        adapters disabled)."""
         name = self.active
         if self.disabled or name is None or name not in self.lora_A:
             return None
         a = self.lora_A[name]
-        return self.scaling[name] * self.lora_B[name](a(self.lora_dropout[name](features.to(a.weight.dtype))))
+        rows = self.scaling[name] * self.lora_B[name](a(self.lora_dropout[name](features.to(a.weight.dtype))))
+        trained = self.ids.get(name)
+        if trained is None or torch.equal(trained, answer_ids.cpu()):
+            if rows.shape[-1] != len(answer_ids):
+                raise ConfigError(f"adapter {name!r} has an lm_head LoRA over {rows.shape[-1]} answer rows; this "
+                                  f"set has {len(answer_ids)} answers. Evaluate it on sets with the training "
+                                  "set's answers.")
+            return rows
+        position = {int(t): k for k, t in enumerate(trained.tolist())}
+        out = rows.new_zeros(rows.shape[0], len(answer_ids))
+        for j, token in enumerate(answer_ids.tolist()):
+            if int(token) in position:
+                out[:, j] = rows[:, position[int(token)]]
+        return out
 
 
 class Backbone:
@@ -231,12 +254,8 @@ class Backbone:
         logits = features @ weight.T
         if bias is not None:
             logits = logits + bias
-        update = self.answer_lora.update(features)
+        update = self.answer_lora.update(features, batch["answer_ids"])
         if update is not None:
-            if update.shape[-1] != logits.shape[-1]:
-                raise ConfigError(f"adapter {self.answer_lora.active!r} has an lm_head LoRA over {update.shape[-1]} "
-                                  f"answer rows; this set has {logits.shape[-1]} answers. Evaluate it on sets with "
-                                  "the training set's answers.")
             logits = logits + update.float()
         return mask_choices(logits, batch["choice_mask"].to(logits.device)) if masked else logits
 
@@ -261,9 +280,12 @@ class Backbone:
 
     # ------------------------------------------------------------------ adapters
     def add_lora(self, name: str, settings: LoraSettings, seed: int | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, answer_ids: torch.Tensor | None = None) -> None:
         """Add LoRA adapter ``name`` (A ~ peft default init, B = 0), make it active and trainable. With
-        ``lm_head`` among the targets, ``num_classes`` K sizes its answer-head LoRA (:class:`AnswerHeadLora`)."""
+        ``lm_head`` among the targets, its answer-head LoRA (:class:`AnswerHeadLora`) has a row per training
+        answer token ``answer_ids`` (or ``num_classes`` rows by position)."""
+        if answer_ids is not None:
+            num_classes = len(answer_ids)
         from peft import LoraConfig, get_peft_model
 
         if "." in name or not name:
@@ -293,7 +315,7 @@ class Backbone:
         else:
             self.peft_model.add_adapter(name, config)
         if HEAD_TARGET in settings.target_modules:
-            self.answer_lora.add(name, settings, self.hidden_size, int(num_classes), self.device)
+            self.answer_lora.add(name, settings, self.hidden_size, int(num_classes), self.device, answer_ids)
         if self.trunk is not None:
             try:
                 self._check_adapters_above(self.trunk.layer)

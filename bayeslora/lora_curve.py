@@ -256,7 +256,7 @@ class LoraCurve(Posterior):
             curve = BezierCurve(points, cfg.anchors, cfg.degree, [True] * len(points))
             reused, anchor_steps = False, 0
         self.curve = curve.to(backbone.device)
-        backbone.add_lora(self.adapter_name, cfg.lora, seed=self.seed, num_classes=len(train_split.answer_ids))
+        backbone.add_lora(self.adapter_name, cfg.lora, seed=self.seed, answer_ids=train_split.answer_ids)
         result = train_seeded(lambda _: CurveHooks(backbone, self.adapter_name, self.curve, cfg, self.seed),
                               train_split, val, cfg.curve_train_settings(), self.seed, backbone.device,
                               desc=f"train {self.adapter_name}")

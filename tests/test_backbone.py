@@ -87,6 +87,24 @@ def test_lm_head_lora_adds_b_k_a_h_over_the_answer_rows_only(tiny_backbone):
         bb.class_logits(next(iter(make_loader(three, 4))))
 
 
+def test_lm_head_lora_rows_follow_the_answer_tokens_on_other_sets(tiny_backbone):
+    bb = tiny_backbone
+    two = EncodedSplit(toy_examples(4), bb.tokenizer, 64, "t")  # answers " A", " B"
+    bb.add_lora("h", HEAD_LORA, seed=0, answer_ids=two.answer_ids)
+    with torch.no_grad():
+        bb.lora_parameters("h")["answer_head_lora.lora_B.weight"].normal_(0, 0.5)
+    other = EncodedSplit([Example(f"x{i}", "Q: ", "", "pick. Answer:", (" B", " C", " A"), i % 3) for i in range(3)],
+                         bb.tokenizer, 64, "t3")
+    batch = next(iter(make_loader(other, 3)))
+    with torch.no_grad():
+        h = bb.features(batch)
+        rows = bb.answer_lora.update(h, two.answer_ids)  # (3, 2): rows of " A", " B"
+        update = bb.answer_lora.update(h, batch["answer_ids"])
+    torch.testing.assert_close(update[:, 0], rows[:, 1])  # " B"
+    torch.testing.assert_close(update[:, 2], rows[:, 0])  # " A"
+    assert torch.equal(update[:, 1], torch.zeros(3))  # " C" was never trained: no update, as B = 0 there
+
+
 def test_map_trains_the_lm_head_lora_and_hooked_methods_refuse_it(tiny_backbone, toy_splits):
     from baselines.blob import Blob
     from bayeslora.adapters import fit_lora_adapter
