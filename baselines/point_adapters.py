@@ -47,7 +47,8 @@ class LoraXs(HookedAdapterPosterior):
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """r x r per module trained."""
-        return ResourceNeeds(trainable=len(target_modules(backbone, config.lora)) * config.lora.r ** 2, predict_passes=1)
+        return ResourceNeeds(trainable=len(target_modules(backbone, config.lora)) * config.lora.r ** 2,
+                             predict_passes=1)
 
     def build_adapter(self, backbone: Backbone) -> LoraXsAdapter:
         lora = self.config.lora
