@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bayeslora import ResourceNeeds
-from bayeslora.backbone import Backbone, target_modules
+from bayeslora.backbone import HEAD_TARGET, Backbone, target_modules
 from bayeslora.data import EncodedSplit, make_loader
 
 from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel, PreparedBatches
@@ -63,10 +63,11 @@ class LaplaceLora(LaplacePosterior):
 
     @classmethod
     def laplace_shapes(cls, backbone: Backbone, config: Any, num_classes: int) -> list[tuple[int, ...]]:
-        """Every LoRA A (r x d_in) and B (d_out x r)."""
+        """Every LoRA A (r x d_in) and B (d_out x r), and the lm_head LoRA's A (r x H) and B_K (K x r)."""
         r = config.lora.r
-        return [s for m in target_modules(backbone, config.lora).values()
-                for s in ((r, m.in_features), (m.out_features, r))]
+        head = [(r, backbone.hidden_size), (num_classes, r)] if HEAD_TARGET in config.lora.target_modules else []
+        return head + [s for m in target_modules(backbone, config.lora).values()
+                       for s in ((r, m.in_features), (m.out_features, r))]
 
     def laplace_model(self, train: EncodedSplit | None) -> nn.Module:
         backbone = self.require_backbone()

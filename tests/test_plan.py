@@ -24,8 +24,8 @@ def qwen_plan():
 def test_qwen_7b_parameter_counts_match_the_model_and_hand_counted_lora(qwen_plan):
     assert set(qwen_plan["base_params"]) == {7_615_616_512}  # Qwen2.5-7B's published total, 7.62B
     r = 8
-    lora_qv = LAYERS * (r * (H + H) + r * (H + KV))  # q_proj: 3584 -> 3584, v_proj: 3584 -> 512
-    assert qwen_plan.loc["map", "lora_params"] == lora_qv == 2_523_136
+    lora_qv = LAYERS * (r * (H + H) + r * (H + KV)) + r * (H + 5)  # q_proj: H -> H, v_proj: H -> 512, lm_head: K = 5
+    assert qwen_plan.loc["map", "lora_params"] == lora_qv == 2_523_136 + 28_712
     assert qwen_plan.loc["map", "trainable"] == lora_qv
     assert qwen_plan.loc["ensemble", "stored"] == 2 * lora_qv  # 3 members: one training, two held
     assert qwen_plan.loc["ensemble", "predict_passes_per_example"] == 3
@@ -36,12 +36,12 @@ def test_laplace_kfac_factors_counted_by_hand(qwen_plan):
     r = 8
     kron = lambda rows, cols: 2 * (rows**2 + cols**2)  # factors, kept twice (precision + eigendecomposition)
     per_layer = kron(r, H) + kron(H, r) + kron(r, H) + kron(KV, r)  # q: A, B; v: A, B
-    stored = LAYERS * per_layer
+    stored = LAYERS * per_layer + kron(r, H) + kron(5, r)  # and the lm_head LoRA's A and B_K (K = 5, ARC-Easy)
     assert qwen_plan.loc["laplace_lora", "stored"] == stored
     # the curvature fit holds the weights, the adapter, the factors plus one more copy while summing a
     # batch's into them, and K = 5 (ARC-Easy) times the graph of one 512-token prompt through 28 layers
     # in bf16, 8 H + 4 I values per token and layer (I = 18944)
-    weights, lora, graph = 7_615_616_512 * 2, 2_523_136, 2 * 512 * (8 * H + 4 * 18944) * LAYERS
+    weights, lora, graph = 7_615_616_512 * 2, 2_523_136 + 28_712, 2 * 512 * (8 * H + 4 * 18944) * LAYERS
     assert qwen_plan.loc["laplace_lora", "train_gb"] == pytest.approx(
         (weights + 4 * (lora + stored + stored // 2) + 5 * graph) / GB)
     assert qwen_plan.loc["laplace_lora", "predict_gb"] == pytest.approx(
@@ -61,11 +61,19 @@ def test_weights_dominate_and_a_small_gpu_is_flagged(qwen_plan):
 
 
 def test_plan_command_prints_the_table(capsys):
-    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[bayesian_lora]",
+    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[blob]",
+                 "--set", "path=null", "--gpu-memory", "16"]) == 2
+    out = capsys.readouterr()
+    assert "cannot adapt lm_head" in out.err  # the suite's LoRA adapts lm_head, which BLoB's adapter cannot
+    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set",
+                 "methods=[{name: blob, lora: {target_modules: [q_proj, v_proj]}}]",
                  "--set", "path=null", "--gpu-memory", "16"]) == 0
     out = capsys.readouterr()
-    assert "7,615,616,512" in out.out and "bayesian_lora" in out.out and "NO (> 16 GB gpu)" in out.out
+    assert "7,615,616,512" in out.out and "blob" in out.out and "NO (> 16 GB gpu)" in out.out
     assert "will not fit" in out.err
+    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[map]",
+                 "--set", "path=null"]) == 0
+    assert "q_proj,v_proj,lm_head" in capsys.readouterr().out  # the published targets
 
 
 def test_meta_backbone_reads_a_local_config_folder_like_the_shipped_one(tmp_path):
