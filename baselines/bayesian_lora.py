@@ -34,10 +34,9 @@ from torch.utils.data import DataLoader
 
 from bayeslora import FitReport, ResourceNeeds, distributed
 from bayeslora.adapters import ClassifierHooks
-from bayeslora.backbone import Backbone, mask_choices, target_modules
+from bayeslora.backbone import Backbone, align_answer_columns, mask_choices, target_modules
 from bayeslora.config import AdapterConfig, LoraSettings, NonNegativeFloat, NonNegativeInt
 from bayeslora.data import EncodedSplit
-from bayeslora.features import check_answer_ids
 from bayeslora.training import final_train_loss
 
 from .hooked_adapter import HookedAdapter
@@ -203,9 +202,9 @@ def class_logits(backbone: Backbone, adapter: InducingLoraAdapter, batch: dict[s
     """(B, K) answer logits with the adapter's module hooks active and its answer-head update added."""
     features = backbone.features(batch)
     logits = backbone.head_logits(features, batch, masked=False)
-    if adapter.has_head:
-        check_answer_ids("bayesian_lora", adapter.head_ids, batch)
-        logits = logits + adapter.head_update(features)
+    if adapter.has_head:  # a set's answers outside the fitted ones get no update, as in a LoRA on the LM head
+        update = adapter.head_update(features)
+        logits = logits + align_answer_columns(update, adapter.head_ids, batch["answer_ids"], update.new_zeros(()))
     return mask_choices(logits, batch["choice_mask"].to(logits.device))
 
 

@@ -265,6 +265,10 @@ class LaplacePosterior(Posterior):
     def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return batch
 
+    def set_samples(self, batch: dict[str, Any], inputs: dict[str, Any], samples: torch.Tensor) -> torch.Tensor:
+        """The (B, S, K) samples of ``glm_inputs(batch)`` as the batch's answers (unchanged by default)."""
+        return samples
+
     def curvature_context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
@@ -306,12 +310,14 @@ class LaplacePosterior(Posterior):
     def predict(self, loader: DataLoader, num_samples: int) -> Predictive:
         backbone = self.map.use()
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
+        def sample(batch: dict[str, Any]) -> torch.Tensor:
+            inputs = self.glm_inputs(batch)
+            samples = glm_logit_samples(self.la, inputs, num_samples, generator, self.config.jacobian_batch_size,
+                                        self.config.antithetic)
+            return self.set_samples(batch, inputs, samples)
+
         with differentiable_attention():  # the GLM predictive differentiates the backbone
-            return collect_predictive(
-                backbone, loader,
-                lambda b: glm_logit_samples(self.la, self.glm_inputs(b), num_samples, generator,
-                                            self.config.jacobian_batch_size, self.config.antithetic),
-                desc=self.name, inference_mode=False)
+            return collect_predictive(backbone, loader, sample, desc=self.name, inference_mode=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"adapter": self.map.state(), "laplace": self.la.state_dict()}

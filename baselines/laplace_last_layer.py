@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from bayeslora.backbone import Backbone
 from bayeslora.data import EncodedSplit
-from bayeslora.features import cached_features, check_answer_ids, feature_batch
+from bayeslora.features import cached_features, feature_batch, fitted_choice_mask, to_set_answers
 from bayeslora.predictive import MASKED_LOGIT
 
 from .laplace_common import LaplacePosterior, LaplaceSettings, LogitsModel
@@ -162,8 +162,13 @@ class LastLayerLaplace(LaplacePosterior):
         return self._feature_loader(val)
 
     def glm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        check_answer_ids(self.name, self.answer_ids, batch)
-        return feature_batch(self.require_backbone(), batch)
+        inputs = feature_batch(self.require_backbone(), batch)
+        return {**inputs, "choice_mask": fitted_choice_mask(self.answer_ids, batch)}
+
+    def set_samples(self, batch: dict[str, Any], inputs: dict[str, Any], samples: torch.Tensor) -> torch.Tensor:
+        """Another set's answers: the head's columns for the tokens it was fitted on, the LM head's logit for
+        the others (:func:`bayeslora.features.to_set_answers`)."""
+        return to_set_answers(samples, self.answer_ids, batch, inputs["features"], self.require_backbone())
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "head": self.head.state_dict(), "answer_ids": self.answer_ids}

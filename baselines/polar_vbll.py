@@ -26,7 +26,7 @@ from bayeslora import ConfigError, FitReport, Posterior, Predictive, ResourceNee
 from bayeslora.backbone import Backbone, lora_parameter_count, target_modules
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
-from bayeslora.features import check_answer_ids, feature_batch
+from bayeslora.features import feature_batch, fitted_choice_mask, to_set_answers
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainingHooks, TrainResult, train_seeded
 
@@ -174,9 +174,10 @@ class PolarVbll(Posterior):
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
 
         def sample(batch: dict[str, Any]) -> torch.Tensor:
-            check_answer_ids(self.name, self.answer_ids, batch)
             features = feature_batch(backbone, batch)["features"]
-            return self.head.sample_logits(features, batch["choice_mask"], num_samples, generator)
+            mask = fitted_choice_mask(self.answer_ids, batch)
+            samples = self.head.sample_logits(features, mask, num_samples, generator)
+            return to_set_answers(samples, self.answer_ids, batch, features, backbone)
 
         with backbone.adapters_disabled(), self.adapter.active():
             return collect_predictive(backbone, loader, sample, desc=self.name)

@@ -22,7 +22,14 @@ from bayeslora.adapters import MapAdapter, map_fit_report
 from bayeslora.backbone import Backbone, lora_parameter_count
 from bayeslora.config import check_choice
 from bayeslora.data import EncodedSplit
-from bayeslora.features import FeatureSet, adapter_context, cached_features, check_answer_ids, feature_batch
+from bayeslora.features import (
+    FeatureSet,
+    adapter_context,
+    cached_features,
+    feature_batch,
+    fitted_choice_mask,
+    to_set_answers,
+)
 from bayeslora.predict import collect_predictive
 from bayeslora.training import TrainResult, train
 
@@ -113,9 +120,10 @@ class VbllLastLayer(Posterior):
         generator = torch.Generator(backbone.device).manual_seed(self.seed)
 
         def sample(batch: dict[str, Any]) -> torch.Tensor:
-            check_answer_ids(self.name, self.answer_ids, batch)
-            features = feature_batch(backbone, batch)
-            return self.head.sample_logits(features["features"], batch["choice_mask"], num_samples, generator)
+            features = feature_batch(backbone, batch)["features"]
+            mask = fitted_choice_mask(self.answer_ids, batch)
+            samples = self.head.sample_logits(features, mask, num_samples, generator)
+            return to_set_answers(samples, self.answer_ids, batch, features, backbone)
 
         with adapter_context(backbone, self.feature_adapter):
             return collect_predictive(backbone, loader, sample, desc=self.name)

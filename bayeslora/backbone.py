@@ -54,6 +54,19 @@ HEAD_TARGET = "lm_head"
 """The LoRA target name of the answer head (the LM head's K answer rows)."""
 
 
+def align_answer_columns(values: torch.Tensor, fitted_ids: torch.Tensor, answer_ids: torch.Tensor,
+                         fill: torch.Tensor) -> torch.Tensor:
+    """Columns for a set's answer tokens from ``values`` (..., K_fit), whose columns belong to the answer tokens
+    ``fitted_ids``: column j is ``values[..., k]`` where answer j is fitted token k, else ``fill[..., j]``
+    (``fill`` broadcasts to (..., K_set))."""
+    position = {int(t): k for k, t in enumerate(fitted_ids.tolist())}
+    out = fill.to(values.dtype).expand(*values.shape[:-1], len(answer_ids)).clone()
+    for j, token in enumerate(answer_ids.tolist()):
+        if int(token) in position:
+            out[..., j] = values[..., position[int(token)]]
+    return out
+
+
 class AnswerHeadLora(nn.Module):
     """LoRA on the LM head restricted to the K answer rows, one (A, B_K, dropout) per adapter:
     update(h) = (alpha/r) B_K A dropout(h), (B, K). Row k of B_K belongs to the k-th answer token of the
@@ -111,12 +124,7 @@ class AnswerHeadLora(nn.Module):
                                   f"set has {len(answer_ids)} answers. Evaluate it on sets with the training "
                                   "set's answers.")
             return rows
-        position = {int(t): k for k, t in enumerate(trained.tolist())}
-        out = rows.new_zeros(rows.shape[0], len(answer_ids))
-        for j, token in enumerate(answer_ids.tolist()):
-            if int(token) in position:
-                out[:, j] = rows[:, position[int(token)]]
-        return out
+        return align_answer_columns(rows, trained, answer_ids, rows.new_zeros(()))
 
 
 class Backbone:

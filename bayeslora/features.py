@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .artifacts import ArtifactStore
-from .backbone import Backbone
+from .backbone import Backbone, align_answer_columns, mask_choices
 from .data import EncodedSplit, make_loader
 from .errors import ConfigError
 from .identity import source_digest
@@ -66,6 +66,32 @@ def feature_batch(backbone: Backbone, batch: dict[str, Any]) -> dict[str, Any]:
         features = backbone.features(batch)
     return {"features": features, "labels": batch["labels"], "choice_mask": batch["choice_mask"],
             "answer_ids": batch["answer_ids"]}
+
+
+def same_answers(fitted: torch.Tensor, batch: dict[str, Any]) -> bool:
+    return torch.equal(batch["answer_ids"].cpu(), fitted.cpu())
+
+
+def fitted_choice_mask(fitted: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The choice mask over a head's fitted answer columns: the batch's own for a set with the same answer
+    tokens; else all options present (the set's options are masked after :func:`to_set_answers`)."""
+    if same_answers(fitted, batch):
+        return batch["choice_mask"]
+    return torch.ones(len(batch["labels"]), len(fitted), dtype=torch.bool)
+
+
+def to_set_answers(samples: torch.Tensor, fitted: torch.Tensor, batch: dict[str, Any], features: torch.Tensor,
+                   backbone: Backbone) -> torch.Tensor:
+    """(B, S, K_set) logit samples for a set's answers from a head's (B, S, K_fit) samples over the answer tokens
+    ``fitted``: an answer the head was fitted on takes that column; another keeps the LM head's logit
+    (pretrained row, plus the active adapter's lm_head LoRA, which has no row for it either), the same in every
+    sample, since the posterior says nothing about it. Options an example lacks are masked. Unchanged for a
+    set with the fitted answers."""
+    if same_answers(fitted, batch):
+        return samples
+    pretrained = backbone.head_logits(features, batch, masked=False).to(samples.device)
+    out = align_answer_columns(samples, fitted, batch["answer_ids"], pretrained[:, None, :])
+    return mask_choices(out, batch["choice_mask"].to(out.device)[:, None])
 
 
 def check_answer_ids(method: str, fitted: torch.Tensor, batch: dict[str, Any]) -> None:

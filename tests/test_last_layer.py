@@ -142,9 +142,22 @@ def test_head_methods_reload_exactly(method, tiny_backbone, toy_splits):
     again = get_method(method)(FAST, seed=0).attach(tiny_backbone)
     again.load_state_dict(state)
     torch.testing.assert_close(again.predict(loader, 5).logits, expected)
-    other = dict(next(iter(loader)), answer_ids=torch.tensor([1, 2]))
-    with pytest.raises(ConfigError, match="answer tokens"):
-        again.predict([other], 2)
+
+
+@pytest.mark.parametrize("method", ["vbll", "polar_vbll", "lora_vbll", "laplace_last_layer"])
+def test_head_methods_score_a_set_with_other_answer_tokens(method, tiny_backbone, toy_splits):
+    post, _ = _fit(method, tiny_backbone, toy_splits)
+    batch = next(iter(make_loader(toy_splits[2], 4)))
+    a, b = batch["answer_ids"].tolist()  # fitted on " A", " B"
+    unseen = next(t for t in range(5, 100) if t not in (a, b))
+    other = dict(batch, answer_ids=torch.tensor([b, unseen, a]), choice_mask=torch.ones(4, 3, dtype=torch.bool))
+    same = post.predict([batch], 4).logits
+    mapped = post.predict([other], 4).logits  # same prompts, same seeded draws
+    assert mapped.shape == (4, 4, 3)
+    torch.testing.assert_close(mapped[..., 0], same[..., 1])  # " B": the head's column for " B"
+    torch.testing.assert_close(mapped[..., 2], same[..., 0])  # " A"
+    assert float(mapped[..., 1].std(1).max()) == 0.0  # a token the head never saw: the LM head's logit, no noise
+    post.release()
 
 
 def test_vbll_keeps_the_prior_scale_with_the_lowest_validation_nll(tiny_backbone, toy_splits):
