@@ -72,22 +72,31 @@ def regularised_loss(head: AnswerHead, features: torch.Tensor, labels: torch.Ten
 
 def fit_head_map(head: AnswerHead, features: torch.Tensor, labels: torch.Tensor, prior_precision: float,
                  choice_mask: torch.Tensor | None = None, max_iter: int = 500) -> float:
-    """D <- argmin L(D) by full-batch L-BFGS (strong Wolfe); returns ||grad L|| at the result."""
+    """D <- argmin L(D) by full-batch L-BFGS (strong Wolfe) in float64; returns ||grad L|| (float64) at the
+    result as stored in the head's dtype."""
+    dtype = head.delta.weight.dtype
+    head.double()
+    x = features.double()
     weight = head.delta.weight
-    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = regularised_loss(head, features, labels, prior_precision, choice_mask)
+        loss = regularised_loss(head, x, labels, prior_precision, choice_mask)
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-        optimizer.zero_grad()
-        loss = regularised_loss(head, features, labels, prior_precision, choice_mask)
-        (grad,) = torch.autograd.grad(loss, weight)
+    try:
+        with torch.enable_grad():
+            for _ in range(4):  # L-BFGS restarts: each call stops at max_iter or a stalled line search
+                optimizer.step(closure)
+            optimizer.zero_grad()
+            head.to(dtype).double()  # the centre as stored, its gradient in float64
+            loss = regularised_loss(head, x, labels, prior_precision, choice_mask)
+            (grad,) = torch.autograd.grad(loss, head.delta.weight)
+    finally:
+        head.to(dtype)
     return float(grad.norm())
 
 
