@@ -77,8 +77,10 @@ def repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
 
 
 def sample_class_logits(backbone: Backbone, batch: dict[str, Any], num_samples: int,
-                        sample_context: SampleContext | None = None, samples_per_forward: int = 1) -> torch.Tensor:
-    """(B, S, K) logits z_s(x), s = 1..S, over one tokenised batch (no re-tokenising).
+                        sample_context: SampleContext | None = None, samples_per_forward: int = 1,
+                        logits: Callable[[dict[str, Any]], torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, S, K) logits z_s(x), s = 1..S, over one tokenised batch (no re-tokenising); ``logits`` is the
+    batch -> (B, K) function (default ``backbone.class_logits``).
 
     With ``samples_per_forward`` = k > 1 the batch is stacked k times and k samples come from one
     batched forward; use it only where the randomness is drawn per row (dropout masks, Flipout
@@ -91,6 +93,6 @@ def sample_class_logits(backbone: Backbone, batch: dict[str, Any], num_samples: 
     for start in range(0, num_samples, samples_per_forward):
         reps = min(samples_per_forward, num_samples - start)
         with sample_context(start) if sample_context is not None else contextlib.nullcontext():
-            logits = backbone.class_logits(repeat_batch(batch, reps))
-        chunks.append(logits.view(reps, size, -1).transpose(0, 1))
+            z = (logits or backbone.class_logits)(repeat_batch(batch, reps))
+        chunks.append(z.view(reps, size, -1).transpose(0, 1))
     return torch.cat(chunks, dim=1)

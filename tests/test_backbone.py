@@ -106,7 +106,7 @@ def test_lm_head_lora_rows_follow_the_answer_tokens_on_other_sets(tiny_backbone)
 
 
 def test_map_trains_the_lm_head_lora_and_hooked_methods_refuse_it(tiny_backbone, toy_splits):
-    from baselines.blob import Blob
+    from baselines.swag_lora import BLoraXs
     from bayeslora.adapters import fit_lora_adapter
     from bayeslora.config import TrainSettings
 
@@ -115,7 +115,7 @@ def test_map_trains_the_lm_head_lora_and_hooked_methods_refuse_it(tiny_backbone,
     b = tiny_backbone.lora_parameters("m")["answer_head_lora.lora_B.weight"]
     assert fit.trainable_params == lora_parameter_count(tiny_backbone, HEAD_LORA, 2) and b.abs().sum() > 0
     with pytest.raises(ConfigError, match="cannot adapt lm_head"):
-        Blob.make_config({"lora": {"target_modules": ["q_proj", "lm_head"]}})
+        BLoraXs.make_config({"lora": {"target_modules": ["q_proj", "lm_head"]}})
 
 
 def test_lora_only_on_top_layers(tiny_backbone):

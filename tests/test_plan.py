@@ -61,15 +61,15 @@ def test_weights_dominate_and_a_small_gpu_is_flagged(qwen_plan):
 
 
 def test_plan_command_prints_the_table(capsys):
-    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[blob]",
+    assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[polar_vbll]",
                  "--set", "path=null", "--gpu-memory", "16"]) == 2
     out = capsys.readouterr()
-    assert "cannot adapt lm_head" in out.err  # the suite's LoRA adapts lm_head, which BLoB's adapter cannot
+    assert "cannot adapt lm_head" in out.err  # the suite's LoRA adapts lm_head; PoLAR-VBLL's head is its VBLL
     assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set",
-                 "methods=[{name: blob, lora: {target_modules: [q_proj, v_proj]}}]",
+                 "methods=[{name: polar_vbll, lora: {target_modules: [q_proj, v_proj]}}]",
                  "--set", "path=null", "--gpu-memory", "16"]) == 0
     out = capsys.readouterr()
-    assert "7,615,616,512" in out.out and "blob" in out.out and "NO (> 16 GB gpu)" in out.out
+    assert "7,615,616,512" in out.out and "polar_vbll" in out.out and "NO (> 16 GB gpu)" in out.out
     assert "will not fit" in out.err
     assert main(["plan", str(QWEN_SUITE), "--set", "datasets=[boolq]", "--set", "methods=[map]",
                  "--set", "path=null"]) == 0

@@ -216,3 +216,25 @@ def test_bad_variational_settings_are_clear_errors():
         Blob(Blob.make_config({"kl_weighting": "annealed"}))
     with pytest.raises(ConfigError, match="init"):
         BbbLora(BbbLora.make_config({"init": "zeros"}))
+
+
+def test_blob_on_the_answer_head_adds_b_k_m_h_and_its_kl(tiny_backbone, toy_splits):
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "lm_head"])
+    post = Blob(Blob.make_config({"lora": lora, "train": _train(epochs=1)}), seed=0)
+    post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
+    adapter = post.adapter
+    assert adapter.M["answer_head"].shape == (2, tiny_backbone.hidden_size)  # r x H
+    assert adapter.B["answer_head"].shape == (2, 2)  # K x r
+    assert float(adapter.B["answer_head"].abs().sum()) > 0  # trained
+    by_hand = sum(_hand_kl(adapter.M[k].detach(), adapter.std(k).detach(), 0.2) for k in adapter.M)
+    assert float(adapter.kl(0.2)) == pytest.approx(by_hand, rel=1e-5)  # the head's Gaussian is in the KL
+    batch = next(iter(make_loader(toy_splits[2], 4)))
+    with torch.no_grad(), tiny_backbone.adapters_disabled(), adapter.active(), adapter.mean_weights():
+        h = tiny_backbone.features(batch)
+        expected = tiny_backbone.head_logits(h, batch) + (4 / 2) * (h @ adapter.M["answer_head"].T) @ adapter.B[
+            "answer_head"].T
+        torch.testing.assert_close(post.logits(batch), expected, atol=1e-5, rtol=0)
+    pred = post.predict(make_loader(toy_splits[2], 4), 3)
+    again = Blob(post.config, seed=0).attach(tiny_backbone)
+    again.load_state_dict(post.state_dict())
+    torch.testing.assert_close(again.predict(make_loader(toy_splits[2], 4), 3).logits, pred.logits)
