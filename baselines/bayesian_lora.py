@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from bayeslora import FitReport, ResourceNeeds, distributed
 from bayeslora.adapters import ClassifierHooks
-from bayeslora.backbone import Backbone, align_answer_columns, mask_choices, target_modules
+from bayeslora.backbone import Backbone, target_modules
 from bayeslora.config import AdapterConfig, LoraSettings, NonNegativeFloat, NonNegativeInt
 from bayeslora.data import EncodedSplit
 from bayeslora.training import final_train_loss
@@ -53,8 +53,7 @@ class InducingLoraAdapter(HookedAdapter):
     def __init__(self, modules: Mapping[str, nn.Module], r: int, alpha: float, settings: InducingSettings,
                  head_ids: torch.Tensor | None = None, hidden: int | None = None, seed: int = 0,
                  device: torch.device | str | None = None):
-        super().__init__(modules)
-        self.register_buffer("head_ids", None if head_ids is None else head_ids.detach().clone().cpu())
+        super().__init__(modules, head_ids)
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / r
         self.factors = nn.ModuleDict()
@@ -174,7 +173,7 @@ class BayesianLoraHooks(ClassifierHooks):
         return groups + ([{"params": rhos, "weight_decay": 0.0, "clip": False}] if rhos else [])
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return class_logits(self.backbone, self.adapter, batch)
+        return self.adapter.answer_logits(self.backbone, batch)
 
     def kl_scale(self, step: int) -> float:
         """beta / M or beta / N, and 0 before ``kl_start_epoch`` (epoch of optimiser step ``step``)."""
@@ -198,16 +197,6 @@ class BayesianLoraHooks(ClassifierHooks):
             return super().val_nll(loader)
 
 
-def class_logits(backbone: Backbone, adapter: InducingLoraAdapter, batch: dict[str, Any]) -> torch.Tensor:
-    """(B, K) answer logits with the adapter's module hooks active and its answer-head update added."""
-    features = backbone.features(batch)
-    logits = backbone.head_logits(features, batch, masked=False)
-    if adapter.has_head:  # a set's answers outside the fitted ones get no update, as in a LoRA on the LM head
-        update = adapter.head_update(features)
-        logits = logits + align_answer_columns(update, adapter.head_ids, batch["answer_ids"], update.new_zeros(()))
-    return mask_choices(logits, batch["choice_mask"].to(logits.device))
-
-
 class BayesianLora(HookedAdapterPosterior):
     """Inducing-point (sparse-GP style) variational posterior over LoRA factors; S forward passes."""
 
@@ -216,9 +205,6 @@ class BayesianLora(HookedAdapterPosterior):
     Config = BayesianLoraConfig
     description = "Bayesian-LoRA: inducing-weight (9x9 U, Kronecker prior, Matheron noise) posterior over LoRA factors"
     saves_state = True
-
-    answer_ids: torch.Tensor | None = None
-    """The training set's answer tokens (the answer head's K rows), set by fit or load_state_dict."""
 
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
@@ -236,7 +222,7 @@ class BayesianLora(HookedAdapterPosterior):
         return BayesianLoraHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return class_logits(self.require_backbone(), self.adapter, batch)
+        return self.adapter.answer_logits(self.require_backbone(), batch)
 
     @classmethod
     def count_parameters(cls, backbone: Backbone, config: Any = None, num_classes: int = 4) -> dict[str, int]:
@@ -249,7 +235,6 @@ class BayesianLora(HookedAdapterPosterior):
         return parameter_count(shapes, config.lora.r, config.inducing)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.answer_ids = train_split.answer_ids.detach().clone().cpu()
         result = self.train_adapter(backbone, train_split, val)
         counts = self.count_parameters(backbone, self.config, len(self.answer_ids))
         with torch.no_grad():
@@ -261,7 +246,3 @@ class BayesianLora(HookedAdapterPosterior):
                                 "extra_params_over_lora": counts["extra"], "lora_params": counts["lora"],
                                 "kl_inducing": float(kl_u), "kl_conditional": float(kl_w),
                                 "mean_lambda": self.adapter.mean_lambda()})
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.answer_ids = state["adapter"].get("head_ids")
-        super().load_state_dict(state)

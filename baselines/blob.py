@@ -11,7 +11,7 @@ token``, the reference) or per example (``example``), so every example in a batc
 noise from one forward pass. With ``lm_head`` among ``lora.target_modules`` the answer head gets the
 same layer over its K answer rows (A: r x H Gaussian, B_K: K x r), as the reference's class-head LoRA:
 z = W_K h + (alpha/r) B_K (M h + s_out * (E (s_in * h))). The layer update is added by a forward hook
-(:class:`~baselines.hooked_adapter.HookedAdapter`), the head's in :meth:`BlobAdapter.head_logits`;
+(:class:`~baselines.hooked_adapter.HookedAdapter`), the head's in :meth:`BlobAdapter.head_update`;
 pyro-ppl supplies the distributions and the KL is closed form,
 KL = sum_ij KL(N(M_ij, G_ij^4) || N(0, prior_std^2)).
 
@@ -46,9 +46,7 @@ from bayeslora.adapters import ClassifierHooks
 from bayeslora.backbone import (
     HEAD_TARGET,
     Backbone,
-    align_answer_columns,
     lora_parameter_count,
-    mask_choices,
     target_modules,
 )
 from bayeslora.config import AdapterConfig, PositiveFloat, PositiveInt
@@ -93,14 +91,13 @@ class BlobAdapter(HookedAdapter):
     def __init__(self, modules: Mapping[str, nn.Module], r: int, alpha: float, seed: int = 0,
                  init_std_eps: float = 0.05, flipout: str = "token", head_ids: torch.Tensor | None = None,
                  hidden: int | None = None):
-        super().__init__(modules)
+        super().__init__(modules, head_ids)
         self.flipout = flipout
-        self.register_buffer("head_ids", None if head_ids is None else head_ids.detach().clone().cpu())
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / r
         self.M, self.G, self.B = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         shapes = {key: (m.out_features, m.in_features, m.weight.device) for key, m in self.modules_by_key.items()}
-        if head_ids is not None:  # the answer head's K rows (not a hooked module: see Blob.logits)
+        if head_ids is not None:  # the answer head's K rows (not a hooked module: see head_update)
             shapes[HEAD_KEY] = (len(head_ids), hidden, next(iter(modules.values())).weight.device)
         for key, (d_out, d_in, device) in shapes.items():
             bound = 1.0 / math.sqrt(d_in)  # peft's LoRA A init: kaiming_uniform(a=sqrt 5)
@@ -113,15 +110,9 @@ class BlobAdapter(HookedAdapter):
     def std(self, key: str) -> torch.Tensor:
         return self.G[key] ** 2
 
-    def head_logits(self, backbone: Backbone, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, K) answer logits: the backbone's head, plus the answer head's BLoB layer when there is one
-        (a set's answers outside the fitted ones get no update, as in a LoRA on the LM head)."""
-        features = backbone.features(batch)
-        logits = backbone.head_logits(features, batch, masked=False)
-        if self.head_ids is not None:
-            update = self.update(HEAD_KEY, features)
-            logits = logits + align_answer_columns(update, self.head_ids, batch["answer_ids"], update.new_zeros(()))
-        return mask_choices(logits, batch["choice_mask"].to(logits.device))
+    def head_update(self, features: torch.Tensor) -> torch.Tensor:
+        """The answer head's BLoB layer on the last-position features h: (alpha/r) B_K (M h + Flipout noise)."""
+        return self.update(HEAD_KEY, features)
 
     def kl(self, prior_std: float) -> torch.Tensor:
         return sum(gaussian_kl(self.M[k], self.std(k), prior_std) for k in self.M)
@@ -190,7 +181,7 @@ class BlobHooks(ClassifierHooks):
         self._step, self._micro = -1, 0
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.adapter.head_logits(self.backbone, batch)
+        return self.adapter.answer_logits(self.backbone, batch)
 
     def param_groups(self) -> list[dict[str, Any]]:
         std_lr = self.config.std_lr or self.config.train.lr
@@ -263,9 +254,6 @@ class Blob(HookedAdapterPosterior):
     description = "BLoB: Gaussian LoRA A (std G^2, Flipout) + point B, closed-form KL, S forward passes"
     saves_state = True
 
-    answer_ids: torch.Tensor | None = None
-    """The training set's answer tokens (the answer head's K rows with lm_head), set by fit or load_state_dict."""
-
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
         """M and B (a LoRA adapter's worth, the answer head's K rows included) plus G, one per entry of A."""
@@ -281,7 +269,7 @@ class Blob(HookedAdapterPosterior):
                            hidden=backbone.hidden_size)
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.adapter.head_logits(self.require_backbone(), batch)
+        return self.adapter.answer_logits(self.require_backbone(), batch)
 
     def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> BlobHooks:
         return BlobHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
@@ -292,7 +280,6 @@ class Blob(HookedAdapterPosterior):
                                    samples_per_forward=self.config.samples_per_forward, logits=self.logits)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
-        self.answer_ids = train_split.answer_ids.detach().clone().cpu()
         result = self.train_adapter(backbone, train_split, val)
         n_a = sum(p.numel() for p in self.adapter.M.values())
         return FitReport(trainable_params=sum(p.numel() for p in self.adapter.parameters()),
@@ -300,7 +287,3 @@ class Blob(HookedAdapterPosterior):
                          extra={"best_val_nll": result.best_val_nll, "train_seconds": result.seconds,
                                 "kl": self.adapter.kl(self.config.prior_std).item(),
                                 "final_train_loss": final_train_loss(result)})
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.answer_ids = state["adapter"].get("head_ids")
-        super().load_state_dict(state)

@@ -16,17 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayeslora.backbone import LAYER_INDEX
+from bayeslora.backbone import LAYER_INDEX, Backbone, align_answer_columns, mask_choices
 
 
 class HookedAdapter(nn.Module):
     """Base class: subclasses define :meth:`update` (the added output for one module's input).
 
     Stochastic adapters read :attr:`stochastic` (False inside :meth:`mean_weights`) and draw their
-    noise from :attr:`generator` (None: the global RNG)."""
+    noise from :attr:`generator` (None: the global RNG). An adapter given ``head_ids`` (the K answer
+    tokens it is fitted on) also updates the answer head: it defines :meth:`head_update`, and
+    :meth:`answer_logits` adds it."""
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    def __init__(self, modules: Mapping[str, nn.Module], head_ids: torch.Tensor | None = None):
         super().__init__()
+        self.register_buffer("head_ids", None if head_ids is None else head_ids.detach().clone().cpu())
         self.modules_by_key = {key.replace(".", "__"): m for key, m in modules.items()}
         self._handles: list[Any] = []
         self.stochastic = True
@@ -43,6 +46,20 @@ class HookedAdapter(nn.Module):
 
     def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def head_update(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, K_fit) update of the answer head's rows for ``head_ids`` (adapters that have one)."""
+        raise NotImplementedError
+
+    def answer_logits(self, backbone: Backbone, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, K) answer logits: the backbone's head plus :meth:`head_update` when the adapter has one (a set's
+        answers outside ``head_ids`` get no update, as in a LoRA on the LM head); absent options masked."""
+        features = backbone.features(batch)
+        logits = backbone.head_logits(features, batch, masked=False)
+        if self.head_ids is not None:
+            update = self.head_update(features)
+            logits = logits + align_answer_columns(update, self.head_ids, batch["answer_ids"], update.new_zeros(()))
+        return mask_choices(logits, batch["choice_mask"].to(logits.device))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

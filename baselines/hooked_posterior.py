@@ -28,6 +28,9 @@ class HookedAdapterPosterior(Posterior):
     """Base class: implement :meth:`build_adapter`, :meth:`make_hooks` and :meth:`logits`."""
 
     adapts_lm_head = False
+    answer_ids: torch.Tensor | None = None
+    """The training set's answer tokens, set by fit (``train_adapter``) or :meth:`load_state_dict`: the rows of
+    an adapter's answer-head part (``head_ids``), where it has one."""
 
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
@@ -57,6 +60,7 @@ class HookedAdapterPosterior(Posterior):
     def train_adapter(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None) -> TrainResult:
         """Build the adapter and train it through the shared loop (noise from the global RNG, seeded)."""
         self.attach_for_training(backbone)
+        self.answer_ids = train_split.answer_ids.detach().clone().cpu()
         self._build(backbone)
         settings = self.config.train
         self.adapter.generator = None
@@ -87,5 +91,6 @@ class HookedAdapterPosterior(Posterior):
         return {"adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.answer_ids = state["adapter"].get("head_ids")
         self._build(self.require_backbone())
         self.adapter.load_state_dict(state["adapter"])

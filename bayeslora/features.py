@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, Dataset
 from .artifacts import ArtifactStore
 from .backbone import Backbone, align_answer_columns, mask_choices
 from .data import EncodedSplit, make_loader
-from .errors import ConfigError
 from .identity import source_digest
 from .profiling import phase
 from .trunk import update_weight_digest
@@ -92,14 +91,6 @@ def to_set_answers(samples: torch.Tensor, fitted: torch.Tensor, batch: dict[str,
     pretrained = backbone.head_logits(features, batch, masked=False).to(samples.device)
     out = align_answer_columns(samples, fitted, batch["answer_ids"], pretrained[:, None, :])
     return mask_choices(out, batch["choice_mask"].to(out.device)[:, None])
-
-
-def check_answer_ids(method: str, fitted: torch.Tensor, batch: dict[str, Any]) -> None:
-    """A head over K answer rows scores only sets with the same answer tokens; a clear error otherwise."""
-    if not torch.equal(batch["answer_ids"].cpu(), fitted.cpu()):
-        raise ConfigError(f"{method} has a head over the answer tokens it was fitted on ({fitted.tolist()}); "
-                          f"this set uses {batch['answer_ids'].tolist()}. Evaluate it on sets with the same "
-                          "answer tokens.")
 
 
 def adapter_context(backbone: Backbone, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
