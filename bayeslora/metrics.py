@@ -5,6 +5,7 @@ in float64):
   acc   = mean_n 1[argmax_k p_nk = y_n]
   nll   = -mean_n log p_{n, y_n}
   brier = mean_n sum_k (p_nk - 1[k = y_n])^2
+  confidence     = mean_n max_k p_nk;  overconfidence = confidence - acc (> 0: over-confident)
   ece   = sum_b |B_b|/N |acc(B_b) - conf(B_b)|, 15 equal-width bins of the top-label confidence
           (the same binning as torchmetrics' MulticlassCalibrationError(n_bins=15, norm="l1"))
   entropy          H[p]                    (total predictive uncertainty, nats)
@@ -123,7 +124,8 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> dict[str, float]:
-    """acc, nll, brier, ece, mean entropy / expected entropy / MI, aurc and accuracy at 80% coverage."""
+    """acc, nll, brier, ece, mean confidence and over-confidence, mean entropy / expected entropy / MI,
+    aurc and accuracy at 80% coverage."""
     n, _, k = logits.shape
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
@@ -135,11 +137,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: i
     correct = prediction == labels
     one_hot = torch.nn.functional.one_hot(labels, k).double()
     unc = uncertainty(logits)
+    acc = float(correct.double().mean())
     return {
-        "acc": float(correct.double().mean()),
+        "acc": acc,
         "nll": float(-log_p.gather(1, labels[:, None]).mean()),
         "brier": float(((p - one_hot) ** 2).sum(-1).mean()),
         "ece": expected_calibration_error(confidence, correct, n_bins),
+        "confidence": float(confidence.mean()),
+        "overconfidence": float(confidence.mean()) - acc,
         "entropy": float(unc["entropy"].mean()),
         "expected_entropy": float(unc["expected_entropy"].mean()),
         "mi": float(unc["mi"].mean()),
@@ -147,6 +152,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_bins: i
         "acc_at_80_coverage": accuracy_at_coverage(confidence, correct, 0.8),
     }
 
+
+LABEL_METRICS = ("acc", "nll", "brier", "ece", "overconfidence", "aurc", "acc_at_80_coverage")
+"""The metrics of :func:`classification_metrics` that need labels (an unlabelled OOD set has none)."""
 
 NOISE_FLOOR = 1e-6
 """Spreads and differences below this are float noise, not signal: the MI of a deterministic or

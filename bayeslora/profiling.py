@@ -4,6 +4,11 @@ Phases nest; each phase is charged its *exclusive* time (time inside a nested ph
 the nested one only), so the phases of a run add up to its wall time. The active profile is held in
 a context variable: library code marks phases with ``with phase("trunk"):`` and pays nothing when
 no profile is recording.
+
+Separately, work that fills a cache shared by runs (trunk states, MAP-adapter features, trained MAP
+adapters) is marked with ``with filling_cache("trunk"):``; its time is charged to that cache, exclusively
+as phases are (trunk states computed while a MAP adapter trains count as trunk), and the runner
+subtracts it from the fit and predict seconds of whichever run happened to fill it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 
 PHASES = ("load", "tokenise", "trunk", "features", "train", "fit", "predict", "path", "metrics")
 """The phases the runner and the library report, in display order."""
+CACHES = ("trunk", "features", "map_adapter")
+"""The shared caches whose filling is charged to themselves (``cache_<name>_seconds`` result columns)."""
 
 
 class PhaseProfile:
@@ -27,7 +34,10 @@ class PhaseProfile:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cache_seconds: dict[str, float] = defaultdict(float)
         self._stack: list[tuple[str, float]] = []  # (phase, time the phase last resumed)
+        self._fills: list[tuple[str, float, list[float]]] = []  # (cache, time it last resumed, its own seconds)
+        self.shared_training_seconds = 0.0
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -44,6 +54,30 @@ class PhaseProfile:
             self.seconds[name] += end - resumed
             if self._stack:  # resume the enclosing phase
                 self._stack[-1] = (self._stack[-1][0], end)
+
+    @contextlib.contextmanager
+    def filling(self, cache: str) -> Iterator[list[float]]:
+        """Charge the block to ``cache``, nested fills excluded; yields [seconds charged], set at the end."""
+        now = time.perf_counter()
+        if self._fills:  # pause the enclosing fill: the nested one is charged to its own cache
+            outer, resumed, charged = self._fills[-1]
+            self.cache_seconds[outer] += now - resumed
+            charged[0] += now - resumed
+        own = [0.0]
+        self._fills.append((cache, now, own))
+        try:
+            yield own
+        finally:
+            end = time.perf_counter()
+            _, resumed, _ = self._fills.pop()
+            self.cache_seconds[cache] += end - resumed
+            own[0] += end - resumed
+            if self._fills:
+                outer, _, charged = self._fills[-1]
+                self._fills[-1] = (outer, end, charged)
+
+    def cache_total(self) -> float:
+        return sum(self.cache_seconds.values())
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.seconds.items()}
@@ -71,6 +105,41 @@ def phase(name: str) -> Iterator[None]:
     else:
         with profile.phase(name):
             yield
+
+
+@contextlib.contextmanager
+def filling_cache(cache: str) -> Iterator[list[float | None]]:
+    """Charge the block's time to the shared cache ``cache`` (one of :data:`CACHES`), nested fills of other
+    caches excluded; yields [seconds charged], set when the block ends ([None] when nothing is recording)."""
+    profile = _ACTIVE.get()
+    if profile is None:
+        yield [None]
+    else:
+        with profile.filling(cache) as own:
+            yield own
+
+
+def built_on_training(seconds: float) -> None:
+    """Record that the active run uses a cached trained adapter whose training took ``seconds``
+    (the same whether this run trained it or loaded it)."""
+    profile = _ACTIVE.get()
+    if profile is not None:
+        profile.shared_training_seconds += seconds
+
+
+@contextlib.contextmanager
+def own_seconds() -> Iterator[list[float]]:
+    """Wall seconds of the block minus the cache fills inside it; the yielded list holds the value when the
+    block ends: ``with own_seconds() as took: ...; took[0]``."""
+    profile = _ACTIVE.get()
+    before = profile.cache_total() if profile is not None else 0.0
+    result = [0.0]
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        fills = (profile.cache_total() - before) if profile is not None else 0.0
+        result[0] = time.perf_counter() - start - fills
 
 
 _open_windows: list[list[int]] = []

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .files import DamagedFileError, atomic_torch_save, safe_torch_load, value_digest
+from .profiling import filling_cache
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ class TrunkCache:
         self.hits += len(keys) - len(missing)
         fresh: dict[int, torch.Tensor] = {}
         if missing:
-            fresh = self._compute(input_ids[missing], attention_mask[missing], position_ids[missing],
-                                  {row: keys[row] for row in missing})
+            with filling_cache("trunk"):
+                fresh = self._compute(input_ids[missing], attention_mask[missing], position_ids[missing],
+                                      {row: keys[row] for row in missing})
         first = fresh[missing[0]] if missing else self.entries[keys[0]]
         out = torch.zeros(*input_ids.shape, first.shape[-1], dtype=first.dtype, device=input_ids.device)
         for i, k in enumerate(keys):

@@ -52,15 +52,17 @@ class RunPredictive:
     predictive: Predictive
 
 
-def load_predictives(out_dir: Path, results: pd.DataFrame) -> tuple[list[RunPredictive], list[str]]:
-    """The predictive behind every results row; also the rows whose file is missing (as messages)."""
+def load_predictives(out_dirs: Path | list[Path], results: pd.DataFrame) -> tuple[list[RunPredictive], list[str]]:
+    """The predictive behind every results row (read from ``out_dirs[row.folder]``, or the one folder);
+    also the rows whose file is missing (as messages)."""
+    out_dirs = [out_dirs] if isinstance(out_dirs, Path) else out_dirs
     found, missing = [], []
     for row in results.itertuples(index=False):
         where = f"{row.method} / {row.eval_set} / seed {row.seed}"
         if not RUN_ID.fullmatch(str(row.run_id)):
             missing.append(f"{where}: the row's run id {str(row.run_id)[:40]!r} is not a run id")
             continue
-        run_dir = out_dir / "runs" / str(row.run_id)
+        run_dir = out_dirs[int(getattr(row, "folder", 0))] / "runs" / str(row.run_id)
         try:
             path = predictive_path(run_dir, row.dataset, row.eval_set)
             if not path.exists():

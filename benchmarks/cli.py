@@ -48,8 +48,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
     from .leaderboard import build_leaderboard
 
-    _, markdown = build_leaderboard(args.dir)
-    out = Path(args.dir)
+    out = Path(args.out or args.dirs[0])
+    _, markdown = build_leaderboard(args.dirs, args.out, pool=args.pool)
     shown = {"md": markdown, "csv": (out / "leaderboard.csv").read_text(),
              "latex": (out / "leaderboard.tex").read_text()}[args.format]
     print(shown)
@@ -60,7 +60,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    files = build_report(args.dir, args.output, reference=args.reference)
+    files = build_report(args.dirs, args.output, reference=args.reference, pool=args.pool)
     for note in files.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"report: {files.html}")
@@ -167,16 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="execute a method's runs again although finished, recomputing its cached artifacts "
                           "(a method label or name, or all; repeatable)")
     run.set_defaults(func=_cmd_run)
-    board = sub.add_parser("leaderboard", help="aggregate a results folder over seeds")
-    board.add_argument("dir", help="output folder of `bayeslora run`")
+    board = sub.add_parser("leaderboard", help="aggregate one or several results folders over seeds")
+    board.add_argument("dirs", nargs="+", metavar="DIR",
+                       help="output folder(s) of `bayeslora run`; several are merged, each row keeping its provenance")
+    board.add_argument("--out", help="where to write leaderboard.{md,csv,tex} (default: the one DIR; required for "
+                                     "several)")
+    board.add_argument("--pool", action="store_true",
+                       help="pool a method's runs over seeds even where the folders ran it under different protocols")
     board.add_argument("--format", choices=FORMATS, default="md",
                        help="what to print: md (default), csv, or latex (booktabs tables for a paper); "
                             "all three files are written either way")
     board.set_defaults(func=_cmd_leaderboard)
     report = sub.add_parser("report", help="one self-contained HTML comparison report (and a Markdown twin)")
-    report.add_argument("dir", help="output folder of `bayeslora run`")
-    report.add_argument("-o", "--output", help="HTML file to write (default DIR/report.html); the Markdown twin "
-                                               "goes beside it as .md with its figures in <name>_files/")
+    report.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="output folder(s) of `bayeslora run`; several are merged, each row keeping its provenance")
+    report.add_argument("-o", "--output", help="HTML file to write (default DIR/report.html; required for several "
+                                               "folders); the Markdown twin goes beside it as .md with its figures "
+                                               "in <name>_files/")
+    report.add_argument("--pool", action="store_true",
+                        help="pool a method's runs over seeds even where the folders ran it under different protocols")
     report.add_argument("--reference", action="append",
                         help="method label the paired comparison is against; repeat for one section each "
                              "(default: every map entry of the folder, e.g. map and map-6ep)")

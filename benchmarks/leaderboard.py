@@ -15,15 +15,15 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from bayeslora.profiling import PHASES
+from bayeslora import ConfigError
+from bayeslora.profiling import CACHES, PHASES
 
-from .store import results_table
 from .tables import to_latex, to_markdown
 
 GROUP = ["model", "dataset", "eval_set", "method"]
-SHOWN = ["acc", "ece", "nll", "brier", "mi", "aurc", "ood_auroc_mi", "ood_auroc_entropy"]
-COSTS = ["trainable_params", "posterior_params", "fit_seconds", "predict_seconds", "forward_passes", "fit_peak_mem_mb",
-         "peak_mem_mb"]
+SHOWN = ["acc", "ece", "nll", "brier", "overconfidence", "mi", "aurc", "ood_auroc_mi", "ood_auroc_entropy"]
+COSTS = ["trainable_params", "posterior_params", "fit_seconds", "predict_seconds", "shared_train_seconds",
+         "forward_passes", "fit_peak_mem_mb", "peak_mem_mb"]
 LOWER_IS_BETTER = {"ece", "nll", "brier", "aurc"}
 HIGHER_IS_BETTER = {"acc", "acc_at_80_coverage", "ood_auroc_mi", "ood_auroc_entropy"}
 
@@ -34,6 +34,8 @@ def aggregate(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFram
                and (df[m].notna().any() or (f"{m}_na" in df.columns and df[f"{m}_na"].notna().any()))]
     grouped = df.groupby(GROUP, sort=False)
     out = grouped.size().rename("n_seeds").to_frame()
+    if "source" in df.columns and df["source"].nunique() > 1:  # merged folders: where each row's runs come from
+        out["sources"] = grouped["source"].agg(lambda s: ", ".join(dict.fromkeys(s)))
     for m in metrics:
         g = grouped[m]
         mean, std, n = g.mean(), g.std(ddof=1).fillna(0.0), g.count()
@@ -48,10 +50,12 @@ def aggregate(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFram
 
 MISSING = "–"
 NOT_APPLICABLE = "n/a"
-HEADERS = {"n_seeds": "seeds", "acc": "acc ↑", "ece": "ECE ↓", "nll": "NLL ↓", "brier": "Brier ↓", "mi": "MI",
+HEADERS = {"n_seeds": "seeds", "sources": "from", "acc": "acc ↑", "ece": "ECE ↓", "nll": "NLL ↓", "brier": "Brier ↓",
+           "mi": "MI",
            "aurc": "AURC ↓", "acc_at_80_coverage": "acc@80% ↑", "ood_auroc_mi": "OOD AUROC (MI) ↑",
            "ood_auroc_entropy": "OOD AUROC (H) ↑", "trainable_params": "trainable params",
            "posterior_params": "posterior params", "fit_seconds": "fit s", "predict_seconds": "predict s",
+           "shared_train_seconds": "MAP training s", "confidence": "confidence", "overconfidence": "conf − acc",
            "forward_passes": "passes / example", "fit_peak_mem_mb": "fit peak MB",
            "peak_mem_mb": "predict peak MB"}
 
@@ -62,7 +66,7 @@ def format_cell(mean: float, std: float, metric: str, n_seeds: int) -> str:
         return MISSING
     if metric in ("trainable_params", "posterior_params", "forward_passes"):
         return f"{mean:,.0f}"
-    if metric in ("fit_seconds", "predict_seconds", "fit_peak_mem_mb", "peak_mem_mb"):
+    if metric in ("fit_seconds", "predict_seconds", "shared_train_seconds", "fit_peak_mem_mb", "peak_mem_mb"):
         return f"{mean:.1f}"
     spec = ".2e" if metric == "mi" else ".4f"
     return f"{mean:{spec}}" if n_seeds < 2 else f"{mean:{spec}} ± {std:{spec}}"
@@ -71,7 +75,7 @@ def format_cell(mean: float, std: float, metric: str, n_seeds: int) -> str:
 def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     """Human-readable 'mean ± std' cells."""
     cols = [m for m in SHOWN + COSTS if f"{m}_mean" in agg.columns]
-    table = agg[GROUP + ["n_seeds"]].copy()
+    table = agg[GROUP + ["n_seeds"] + (["sources"] if "sources" in agg.columns else [])].copy()
     for m in cols:
         notes = agg[f"{m}_na"] if f"{m}_na" in agg.columns else pd.Series(None, agg.index, dtype=object)
         table[m] = [NOT_APPLICABLE if pd.isna(a) and isinstance(note, str) else format_cell(a, b, m, n)
@@ -148,21 +152,34 @@ def leaderboard_latex(df: pd.DataFrame, agg: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def build_leaderboard(out_dir: str | Path) -> tuple[pd.DataFrame, str]:
-    """Aggregate OUT/results.csv's rows and write OUT/leaderboard.{csv,md,tex} (and profile.csv)."""
-    out_dir = Path(out_dir)
-    df = results_table(out_dir)
-    if df.empty:
-        raise FileNotFoundError(f"no finished runs under {out_dir}/runs; run `bayeslora run SUITE --out {out_dir}`")
+def build_leaderboard(dirs: str | Path | list[str | Path], out_dir: str | Path | None = None,
+                      pool: bool = False) -> tuple[pd.DataFrame, str]:
+    """Aggregate the rows of one results folder, or of several (:func:`benchmarks.merge.merged_results`:
+    provenance kept, protocols not pooled unless ``pool``), and write leaderboard.{csv,md,tex} (and
+    profile.csv) into ``out_dir`` (default: the one folder; required for several)."""
+    from .merge import folder_labels, merged_results, provenance_table
+
+    dirs = [Path(d) for d in ([dirs] if isinstance(dirs, str | Path) else dirs)]
+    if out_dir is None and len(dirs) > 1:
+        raise ConfigError("--out: several results folders are merged into a folder of their own; name it")
+    out_dir = Path(out_dir) if out_dir is not None else dirs[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = merged_results(dirs, pool=pool)
     agg = aggregate(df)
     agg.to_csv(out_dir / "leaderboard.csv", index=False)
-    parts = [f"# Leaderboard: {out_dir.name}\n",
+    title = out_dir.name if len(dirs) == 1 else " + ".join(folder_labels(dirs))
+    parts = [f"# Leaderboard: {title}\n",
              "Mean ± std over seeds; ranked by NLL within each (model, dataset, eval set); best value per "
              "quality column in bold. Costs: parameters, seconds, backbone forward passes per example at "
              "prediction, peak memory (MB).\n"]
     for keys, protocol, table, marks in leaderboard_groups(df, agg):
         parts.append(f"\n## {group_title(keys)}\n\nProtocol: {protocol}.\n\n")
         parts.append(to_markdown(table, marks))
+    if len(dirs) > 1:
+        parts.append("\n## Provenance\n\nEach row's `from` names its folders. A method whose folders ran it under "
+                     "different protocols is listed once per folder (`method @ folder`)"
+                     + (", pooled here on request" if pool else "") + ".\n\n")
+        parts.append(to_markdown(provenance_table(df)))
     notes = not_applicable_notes(agg)
     if notes:
         parts.append("\n## Not applicable (n/a)\n\n" + "".join(f"- {n}\n" for n in notes))
@@ -195,6 +212,18 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
     table.loc["all methods"] = table.sum()
     table["total"] = table[[c.removeprefix("time_") for c in cols]].sum(axis=1)
     return table.reset_index()
+
+
+def cache_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Seconds spent filling each shared cache, summed over the runs that filled it (charged to the cache,
+    not to those runs' fit or predict seconds)."""
+    cols = [f"cache_{c}_seconds" for c in CACHES if f"cache_{c}_seconds" in df.columns]
+    if not cols:
+        return pd.DataFrame()
+    runs = df.drop_duplicates("run_id")
+    return pd.DataFrame({"cache": [c.removeprefix("cache_").removesuffix("_seconds") for c in cols],
+                         "seconds": [float(runs[c].sum()) for c in cols],
+                         "runs that filled it": [int((runs[c] > 0).sum()) for c in cols]})
 
 
 def phase_comparison(before: pd.DataFrame, after: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:

@@ -1,10 +1,11 @@
 """The comparison report of a results folder: ``bayeslora report OUT -o OUT/report.html``.
 
-Sections: what is missing; the leaderboard per (model, dataset, eval set) with its protocol;
-paired differences against MAP; reliability diagrams; selective prediction; metrics against the
-number of samples S; MI / entropy histograms in vs out of distribution; loss and accuracy along
-weight-space paths (runs with path.csv); where the time went; the suite as run. Whatever subset of
-methods, datasets and files is present is drawn, and each absent part is named in a note instead.
+Sections: what is missing; the leaderboard per (model, dataset, eval set) with its protocol; the seed
+papers' claims tested on the folder's runs (:mod:`benchmarks.claims`); paired differences against MAP;
+reliability diagrams; selective prediction; metrics against the number of samples S; MI / entropy
+histograms in vs out of distribution; loss and accuracy along weight-space paths (runs with path.csv);
+where the time went; the suite as run. Whatever subset of methods, datasets and files is present is
+drawn, and each absent part is named in a note instead.
 """
 
 from __future__ import annotations
@@ -31,19 +32,22 @@ from .analysis import (
     run_key,
     uncertainty_scores,
 )
+from .claims import BOOTSTRAP, MIN_EXAMPLES, claims_table, evaluate_claims, registered_claims
 from .leaderboard import (
     COSTS,
     HEADERS,
     aggregate,
+    cache_table,
     format_seconds,
     group_title,
     leaderboard_groups,
     not_applicable_notes,
     phase_table,
 )
+from .merge import folder_labels, merged_results, provenance_table
 from .pairwise import ALPHA, COMPARED, pairwise_table, significance_marks
 from .report_render import Code, Figure, Note, Section, Table, Text, render_html, render_markdown, slugify
-from .store import read_manifest, results_table, run_file_intact, suite_run_ids
+from .store import read_manifest, run_file_intact, suite_run_ids
 
 log = logging.getLogger("bayeslora.report")
 GROUP_KEYS = ["model", "dataset", "eval_set"]
@@ -59,13 +63,12 @@ class ReportFiles:
 class ReportBuilder:
     """Collects a results folder's tables, predictives and path files, and turns them into sections."""
 
-    def __init__(self, out_dir: Path, reference: str | list[str] | None = None):
-        self.out = out_dir
-        self.results = results_table(out_dir)
-        if self.results.empty:
-            raise FileNotFoundError(f"no finished runs under {out_dir}/runs; run `bayeslora run SUITE --out {out_dir}`")
+    def __init__(self, out_dirs: Path | list[Path], reference: str | list[str] | None = None, pool: bool = False):
+        self.dirs = [out_dirs] if isinstance(out_dirs, Path) else list(out_dirs)
+        self.labels = folder_labels(self.dirs)
+        self.results = merged_results(self.dirs, pool=pool)
         self.references = [reference] if isinstance(reference, str) else reference or self.map_labels()
-        self.predictives, missing_files = load_predictives(out_dir, self.results)
+        self.predictives, missing_files = load_predictives(self.dirs, self.results)
         self.index = by_run(self.predictives)
         self.methods = list(dict.fromkeys(self.results.method))
         self.colors = figures.method_colors(self.methods)
@@ -98,21 +101,23 @@ class ReportBuilder:
 
     # -- sections --------------------------------------------------------------------------------
     def missing_runs(self) -> list[str]:
-        wanted = suite_run_ids(self.out)
-        if wanted is None:
-            return []
+        notes = []
         done = set(self.results.run_id)
-        lost = sorted(wanted - done)
-        if not lost:
-            return []
-        titles = self._run_titles()
-        named = [titles.get(r, r) for r in lost]
-        return [f"{len(lost)} of the suite's {len(wanted)} runs have not finished (run `bayeslora run` again to "
-                f"resume): " + "; ".join(named)]
+        for folder, label in zip(self.dirs, self.labels, strict=True):
+            wanted = suite_run_ids(folder)
+            lost = sorted((wanted or set()) - done)
+            if not lost:
+                continue
+            manifest = read_manifest(folder)
+            titles = manifest["titles"] if manifest is not None else {}
+            where = f" of {label}" if len(self.dirs) > 1 else ""
+            notes.append(f"{len(lost)} of the suite's {len(wanted)} runs{where} have not finished (run `bayeslora "
+                         f"run` again to resume): " + "; ".join(titles.get(r, r) for r in lost))
+        return notes
 
-    def _run_titles(self) -> dict[str, str]:
-        manifest = read_manifest(self.out)
-        return manifest["titles"] if manifest is not None else {}
+    def run_dir(self, row: Any) -> Path:
+        """A results row's run folder: the folder it was read from (by position) / runs / its checked run id."""
+        return self.dirs[int(getattr(row, "folder", 0))] / "runs" / str(row.run_id)
 
     def leaderboard_section(self) -> Section:
         agg = aggregate(self.results)
@@ -128,6 +133,34 @@ class ReportBuilder:
             section.blocks += [Text(f"{group_title(keys)}. Protocol: {protocol}."),
                                Table(table[quality], marks[quality]), Table(table[costs], caption="Costs:")]
         section.blocks += [Note(f"n/a: {n}") for n in not_applicable_notes(agg)]
+        return section
+
+    def claims_section(self) -> Section:
+        claims, plugin_notes = registered_claims()
+        section = Section("Claims", [Text(
+            "Each seed paper's headline claim, tested on the runs this folder holds. Effect: the mean over paired "
+            "seeds of method − baseline (± its std over seeds); 95% interval and p (examples): a paired bootstrap "
+            "over the test examples both runs predicted, averaged over the paired seeds; p (seeds): one-sided "
+            "paired t-test over seeds (two or more). A claim holds when every check holds; \"about equal\" "
+            "accuracy is read from the point estimate. Verdicts: holds / does not hold (with why) / not tested "
+            "(the runs it needs are missing) / too few runs (fewer than "
+            f"{MIN_EXAMPLES} paired examples on one seed). The table of claims is `benchmarks.claims.CLAIMS`.")])
+        table = claims_table(evaluate_claims(self, claims))
+        summary = table.drop_duplicates(["claim", "model", "dataset"])[["claim", "source", "dataset",
+                                                                        "claim verdict"]]
+        section.blocks.append(Table(summary.rename(columns={"claim verdict": "verdict"}).reset_index(drop=True)))
+        shown = pd.DataFrame({
+            "claim": table["claim"].str.slice(0, 48), "dataset": table["dataset"], "check": table["check"],
+            "effect": [effect_text(e, s, n) for e, s, n in zip(table["effect"], table["seed std"], table["seeds"],
+                                                                 strict=True)],
+            "95% interval (examples)": [interval_text(lo, hi) for lo, hi in zip(table["ci95_low"],
+                                                                                table["ci95_high"], strict=True)],
+            "p (seeds)": [number_text(p) for p in table["p_seeds"]],
+            "p (examples)": [f"< {1 / BOOTSTRAP:g}" if p == 0 else number_text(p) for p in table["p_examples"]],
+            "verdict": table["check verdict"], "why": table["why"]})
+        section.blocks.append(Table(shown.reset_index(drop=True), caption="Checks:"))
+        section.blocks += [Note(n) for n in plugin_notes]
+        self.notes += plugin_notes
         return section
 
     def pairwise_section(self, reference: str) -> Section:
@@ -251,7 +284,7 @@ class ReportBuilder:
         found = False
         runs = self.results.drop_duplicates("run_id")
         for row in runs.itertuples(index=False):
-            run_dir = self.out / "runs" / row.run_id
+            run_dir = self.run_dir(row)
             path_file = run_dir / "path.csv"
             if not path_file.exists():
                 continue
@@ -282,28 +315,63 @@ class ReportBuilder:
         else:
             section.blocks += [Text("Exclusive wall-clock seconds per phase, summed over each method's runs."),
                                Table(format_seconds(profile))]
+        caches = cache_table(self.results)
+        if not caches.empty:
+            section.blocks += [Text(
+                "Filling the shared caches (trunk states, MAP-adapter features, trained MAP adapters) is charged to "
+                "the cache, not to the fit or predict seconds of whichever run filled it; the leaderboard's \"MAP "
+                "training s\" is the training time of the MAP adapters a method builds on, the same on a cache hit "
+                "or miss."),
+                Table(format_seconds(caches), caption="Shared caches:")]
         return section
 
     def suite_section(self) -> Section:
-        suite_file = self.out / "suite.yaml"
-        if not suite_file.exists():
-            return Section("The suite as run", [Note("suite.yaml is missing from this folder.")])
-        return Section("The suite as run", [Code(suite_file.read_text())])
+        section = Section("The suite as run" if len(self.dirs) == 1 else "The suites as run")
+        if len(self.dirs) > 1:
+            section.blocks += [Text(
+                "Where each row comes from. A method that two folders ran under different protocols (settings, "
+                "model or data; not seeds or code) is listed per folder as `method @ folder` unless pooled "
+                "(`--pool`)."), Table(provenance_table(self.results))]
+        for folder, label in zip(self.dirs, self.labels, strict=True):
+            suite_file = folder / "suite.yaml"
+            if len(self.dirs) > 1:
+                section.blocks.append(Text(f"{label}:"))
+            section.blocks.append(Code(suite_file.read_text()) if suite_file.exists()
+                                  else Note(f"suite.yaml is missing from {label}."))
+        return section
 
     def build(self) -> tuple[str, list[Section]]:
-        body = [self.leaderboard_section(), *[self.pairwise_section(r) for r in self.references],
+        body = [self.leaderboard_section(), self.claims_section(),
+                *[self.pairwise_section(r) for r in self.references],
                 self.reliability_section(),
                 self.selective_section(), self.samples_section(), self.ood_section(), self.paths_section(),
                 self.cost_section(), self.suite_section()]
         self.notes = self.missing_runs() + self.notes
         n_runs = self.results.run_id.nunique()
+        where = ("this folder's runs/*/metrics.json and predictive files" if len(self.dirs) == 1 else
+                 f"the runs/*/metrics.json and predictive files of {', '.join(self.labels)}")
         overview = Section("Overview", [Text(
             f"{n_runs} runs: {len(self.methods)} methods ({', '.join(self.methods)}) on "
             f"{', '.join(dict.fromkeys(self.results.dataset))}, models {', '.join(dict.fromkeys(self.results.model))}. "
-            f"Every number and figure is computed from this folder's runs/*/metrics.json and predictive files.")])
+            f"Every number and figure is computed from {where}.")])
         overview.blocks += [Note(n) for n in self.notes] or [Text("Nothing is missing: every section is drawn.")]
-        suite = self.results.suite.iloc[0] if "suite" in self.results.columns else self.out.name
-        return f"bayeslora report: {suite}", [overview, *body]
+        suites = list(dict.fromkeys(self.results.suite)) if "suite" in self.results.columns else self.labels
+        return f"bayeslora report: {' + '.join(map(str, suites))}", [overview, *body]
+
+
+def number_text(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.3g}"
+
+
+def effect_text(effect: float, std: float, n_seeds: int) -> str:
+    """'+0.0123 ± 0.0040' (no ± for one seed)."""
+    if pd.isna(effect):
+        return "–"
+    return f"{effect:+.4g}" + (f" ± {std:.2g}" if n_seeds > 1 and not pd.isna(std) else "")
+
+
+def interval_text(low: float, high: float) -> str:
+    return "–" if pd.isna(low) else f"[{low:+.4g}, {high:+.4g}]"
 
 
 def p_values(rows: pd.DataFrame, column: str) -> list[str]:
@@ -314,16 +382,19 @@ def p_values(rows: pd.DataFrame, column: str) -> list[str]:
             for v, note in zip(values, notes, strict=True)]
 
 
-def build_report(out_dir: str | Path, html_path: str | Path | None = None,
-                 reference: str | list[str] | None = None) -> ReportFiles:
+def build_report(out_dirs: str | Path | list[str | Path], html_path: str | Path | None = None,
+                 reference: str | list[str] | None = None, pool: bool = False) -> ReportFiles:
     """Write the HTML report (default OUT/report.html) and its Markdown twin (same name, .md, with
     figures in <name>_files/). ``reference``: the method(s) of the paired comparisons, one section each;
-    default every ``map`` entry of the folder."""
-    out_dir = Path(out_dir)
-    html_path = Path(html_path) if html_path else out_dir / "report.html"
+    default every ``map`` entry of the folder. Several folders are merged (:mod:`benchmarks.merge`: each
+    row keeps its provenance; protocols are not pooled unless ``pool``); ``html_path`` is then required."""
+    dirs = [Path(d) for d in ([out_dirs] if isinstance(out_dirs, str | Path) else out_dirs)]
+    if html_path is None and len(dirs) > 1:
+        raise ConfigError("-o: a report of several results folders needs an output file of its own; name it")
+    html_path = Path(html_path) if html_path else dirs[0] / "report.html"
     if html_path.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"the report is HTML: give an output path ending in .html, not {html_path.name!r}")
-    builder = ReportBuilder(out_dir, reference)
+    builder = ReportBuilder(dirs, reference, pool=pool)
     title, sections = builder.build()
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(render_html(title, sections))

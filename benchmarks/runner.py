@@ -20,6 +20,11 @@ is skipped, so an interrupted suite resumes where it stopped; a damaged one is r
 processes may execute one suite into one folder at once: each run is claimed with an exclusive lock,
 executed by one process only, and the others wait for the runs they could not claim. Each run's rows
 carry its per-phase profile (``time_<phase>`` columns, exclusive seconds) and the code it came from.
+
+Costs: ``fit_seconds`` and ``predict_seconds`` (per evaluation set) are timed here for every method
+alike, without the time spent filling shared caches, which is charged to the cache instead
+(``cache_<trunk|features|map_adapter>_seconds``: what this run happened to fill); ``shared_train_seconds``
+is the training time of the cached MAP adapters the run builds on, the same whether it trained or loaded them.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ import gc
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +53,9 @@ from bayeslora.config import DataSettings, ModelSettings, to_plain
 from bayeslora.data import EncodedSplit, TaskSplits, get_task, load_task_splits, make_loader
 from bayeslora.files import TEMP_MARK, atomic_write_text, remove_orphans, temp_prefix
 from bayeslora.identity import code_version
-from bayeslora.metrics import classification_metrics, ood_metrics
+from bayeslora.metrics import LABEL_METRICS, classification_metrics, ood_metrics
 from bayeslora.paths import PathSettings, barrier_columns, evaluate_paths
-from bayeslora.profiling import PHASES, PhaseProfile, peak_memory_window, phase, recording
+from bayeslora.profiling import CACHES, PHASES, PhaseProfile, own_seconds, peak_memory_window, phase, recording
 from bayeslora.trunk import TrunkCache
 
 from .executors import HELD, Executor, LocalExecutor, RunTask, dispatch
@@ -383,6 +388,8 @@ class Runner:
             rows = self._profiled_run(spec, tmp)
         times = {f"time_{p}": round(profile.seconds.get(p, 0.0), 3) for p in PHASES}
         log.info("profile (s): %s", times)
+        times.update({f"cache_{c}_seconds": round(profile.cache_seconds.get(c, 0.0), 3) for c in CACHES})
+        times["shared_train_seconds"] = round(profile.shared_training_seconds, 3)
         for row in rows:
             row.update(times)
         return rows
@@ -403,10 +410,10 @@ class Runner:
         torch.manual_seed(spec.seed)
         log.info("run %s: %s", spec.run_id, spec.title)
         try:
-            with phase("fit"), checkpointing_for(posterior, backbone), peak_memory_window(backbone.device) as peak:
-                start = time.perf_counter()
+            with (phase("fit"), checkpointing_for(posterior, backbone), peak_memory_window(backbone.device) as peak,
+                  own_seconds() as took):
                 report = posterior.fit(backbone, task.train, task.val)
-                report.fit_seconds = time.perf_counter() - start  # timed here, for every method alike
+            report.fit_seconds = took[0]  # timed here, for every method alike, shared cache fills excluded
             report.extra["peak_mem_mb"] = peak.mb  # the whole fit: training runs and post-hoc passes
             log.info("fit: %s", report)
             eval_batch = getattr(getattr(spec.method_config, "train", None), "eval_batch_size", 16)
@@ -445,7 +452,10 @@ class Runner:
         return rows
 
     def _predict(self, posterior: Posterior, split: EncodedSplit, spec: RunSpec, batch_size: int) -> Predictive:
-        predictive = posterior.predict(make_loader(split, batch_size), spec.num_samples)
+        """The posterior's predictive; its ``cost.wall_seconds`` timed here (shared cache fills excluded)."""
+        with own_seconds() as took:
+            predictive = posterior.predict(make_loader(split, batch_size), spec.num_samples)
+        predictive.cost.wall_seconds = took[0]
         if posterior.deterministic and predictive.num_samples != 1:
             raise RuntimeError(f"{spec.method.name} is deterministic but returned S={predictive.num_samples}")
         return predictive
@@ -458,6 +468,9 @@ class Runner:
             "num_samples": pred.num_samples, "n_examples": len(pred.labels),
         }
         row.update(classification_metrics(pred.logits, pred.labels, n_bins=spec.n_bins))
+        if not get_task(eval_set).labelled:  # an OOD detection set: only label-free numbers mean anything
+            for metric in LABEL_METRICS:
+                row[metric], row[f"{metric}_na"] = float("nan"), f"{eval_set} has no labels (OOD detection only)"
         row.update({
             "fit_seconds": report.fit_seconds, "predict_seconds": pred.cost.wall_seconds,
             "peak_mem_mb": pred.cost.peak_mem_mb, "trainable_params": report.trainable_params,
@@ -466,9 +479,18 @@ class Runner:
             "template": get_task(eval_set).template, "protocol": protocol, "n_bins": spec.n_bins,
             "k_policy": f"per-question options, K={num_classes}", "suite": spec.suite, "run_id": spec.run_id,
             "code_version": code_version(), "method_code": method_code_label(spec),
+            "protocol_id": spec.protocol_id, "hardware": hardware_label(),
         })
         row.update({f"fit_{k}": v for k, v in report.extra.items() if isinstance(v, int | float | str)})
         return row
+
+
+def hardware_label() -> str:
+    """What the run ran on, for results rows: the accelerator model and count, or the CPU's core count
+    and architecture (no host names)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.machine() or 'unknown'}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 _WORKER_RUNNERS: dict[tuple[str, str], Runner] = {}

@@ -24,11 +24,12 @@ from bayeslora.files import atomic_write, atomic_write_text, sha256_of
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["model", "method", "method_name", "dataset", "eval_set", "split", "seed", "num_samples", "n_examples"]
-METRIC_COLUMNS = ["acc", "ece", "nll", "brier", "entropy", "expected_entropy", "mi", "aurc", "acc_at_80_coverage",
-                  "ood_auroc_mi", "ood_auroc_entropy"]
-COST_COLUMNS = ["fit_seconds", "predict_seconds", "fit_peak_mem_mb", "peak_mem_mb", "trainable_params",
-                "posterior_params", "forward_passes", "reused_cache"]
-PROTOCOL_COLUMNS = ["template", "protocol", "n_bins", "k_policy", "suite", "run_id", "code_version", "method_code"]
+METRIC_COLUMNS = ["acc", "ece", "nll", "brier", "confidence", "overconfidence", "entropy", "expected_entropy", "mi",
+                  "aurc", "acc_at_80_coverage", "ood_auroc_mi", "ood_auroc_entropy"]
+COST_COLUMNS = ["fit_seconds", "predict_seconds", "shared_train_seconds", "fit_peak_mem_mb", "peak_mem_mb",
+                "trainable_params", "posterior_params", "forward_passes", "reused_cache"]
+PROTOCOL_COLUMNS = ["template", "protocol", "n_bins", "k_policy", "suite", "protocol_id", "run_id", "code_version",
+                    "method_code", "hardware"]
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"

@@ -129,6 +129,22 @@ class RunSpec:
         return content_hash({**resolved, "inputs": self.inputs})
 
     @property
+    def protocol_id(self) -> str:
+        """What makes two runs' numbers comparable: the run id's settings and model and data identities,
+        without the seed and the code (12 hex digits). Runs of one method with equal protocol ids may be
+        pooled over seeds, whichever folder, machine or code version produced them."""
+        resolved = self.resolved()
+        resolved.pop("seed")
+        for key in RESULT_NEUTRAL_MODEL_FIELDS:
+            resolved["model"].pop(key, None)
+        resolved["method"]["config"] = train_key(resolved["method"]["config"])
+        if isinstance(resolved["method"]["config"], dict) and isinstance(resolved["method"]["config"].get("train"),
+                                                                          dict):
+            resolved["method"]["config"]["train"].pop("progress", None)
+        inputs = {k: v for k, v in self.inputs.items() if k != "code"}
+        return content_hash({**resolved, "inputs": inputs})[:12]
+
+    @property
     def title(self) -> str:
         return f"{self.model.name} / {self.method.label} / {self.dataset.name} / seed {self.seed}"
 
@@ -215,6 +231,9 @@ def _dataset_entry(item: Any, i: int) -> DatasetEntry:
         entry = DatasetEntry(item["name"], list(item.get("ood") or []), dict(item.get("data") or {}))
     for name in [entry.name, *entry.ood]:
         get_task(name)  # unknown dataset -> DataError listing the known ones
+    if not get_task(entry.name).labelled:
+        raise ConfigError(f"datasets[{i}]: {entry.name} has no labels, so nothing can be trained on it; use it "
+                          f"as an OOD set, e.g. {{name: sst2, ood: [{entry.name}]}}")
     return entry
 
 

@@ -26,10 +26,11 @@ def _marks(table: pd.DataFrame, marked: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, marked: pd.DataFrame | None = None) -> str:
-    """A GitHub-flavoured Markdown table; marked cells in bold."""
+    """A GitHub-flavoured Markdown table; marked cells in bold; a "|" inside a cell is escaped."""
     marks = _marks(table, marked)
-    cell = lambda v, b: f"**{v}**" if b else str(v)
-    header = "| " + " | ".join(str(c) for c in table.columns) + " |"
+    text = lambda v: str(v).replace("|", "\\|")
+    cell = lambda v, b: f"**{text(v)}**" if b else text(v)
+    header = "| " + " | ".join(text(c) for c in table.columns) + " |"
     sep = "|" + "|".join("---" for _ in table.columns) + "|"
     body = ["| " + " | ".join(cell(v, b) for v, b in zip(row, mrow, strict=True)) + " |"
             for row, mrow in zip(table.itertuples(index=False), marks.itertuples(index=False), strict=True)]

@@ -68,7 +68,8 @@ def test_rows_in_wrong_schema_name_the_missing_field(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["sst2", "sst2_as_boolq", "boolq", "wg_s", "arc_easy", "arc_challenge", "obqa"])
+@pytest.mark.parametrize("name", ["sst2", "sst2_as_boolq", "news_as_sst2", "boolq", "wg_s", "arc_easy", "arc_challenge",
+                                  "obqa"])
 def test_offline_splits_are_disjoint_and_deterministic(name):
     settings = DataSettings(max_test=100)
     a, b = load_task_splits(get_task(name), settings), load_task_splits(get_task(name), settings)

@@ -327,3 +327,76 @@ def test_leaderboard_latex_compiles_with_pdflatex(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+# -- several folders merged ------------------------------------------------------------------------------
+def _set_rows(run_dir: Path, **values) -> None:
+    meta = json.loads((run_dir / "metrics.json").read_text())
+    for row in meta["rows"]:
+        row.update(values)
+    (run_dir / "metrics.json").write_text(json.dumps(meta))
+
+
+def two_folders(tmp_path: Path, same_protocol: bool) -> tuple[Path, Path]:
+    """Folder a (this machine: map seeds 0-1, mc_dropout) and b (another: map seed 2, ensemble)."""
+    a, b = tmp_path / "lab-a" / "results", tmp_path / "lab-b" / "results"
+    for seed in (0, 1):
+        write_run(a, f"map{seed}", "map", seed, 1)
+        write_run(a, f"mcd{seed}", "mc_dropout", seed, 4)
+    write_run(b, "map2", "map", 2, 1)
+    write_run(b, "ens0", "ensemble", 0, 3)
+    for folder, hardware, protocol in ((a, "CPU (x86_64), 2 cores", "p1"),
+                                       (b, "1 x NVIDIA H200", "p1" if same_protocol else "p2")):
+        for run in (folder / "runs").iterdir():
+            _set_rows(run, hardware=hardware, protocol_id=protocol, code_version=f"bayeslora {folder.parent.name}")
+    return a, b
+
+
+def test_merged_leaderboard_pools_one_protocol_and_keeps_provenance(tmp_path):
+    from benchmarks.merge import merged_results
+
+    a, b = two_folders(tmp_path, same_protocol=True)
+    df = merged_results([a, b])
+    assert set(df.source) == {"lab-a/results", "lab-b/results"}  # clashing names get their parent's
+    maps = df[df.method == "map"]
+    assert sorted(maps.seed) == [0, 1, 2] and set(maps.hardware) == {"CPU (x86_64), 2 cores", "1 x NVIDIA H200"}
+    assert cli_main(["leaderboard", str(a), str(b), "--out", str(tmp_path / "merged")]) == 0
+    board = pd.read_csv(tmp_path / "merged" / "leaderboard.csv").set_index("method")
+    # pooled over the three seeds of two folders: the mean of all three, by hand
+    assert board.loc["map", "n_seeds"] == 3
+    assert board.loc["map", "acc_mean"] == pytest.approx(maps.acc.mean())
+    assert board.loc["map", "sources"] == "lab-a/results, lab-b/results"
+    markdown = (tmp_path / "merged" / "leaderboard.md").read_text()
+    assert "## Provenance" in markdown and "1 x NVIDIA H200" in markdown and "bayeslora lab-b" in markdown
+
+
+def test_merged_folders_with_different_protocols_are_not_pooled_unless_asked(tmp_path):
+    from benchmarks.merge import merged_results
+
+    a, b = two_folders(tmp_path, same_protocol=False)
+    methods = set(merged_results([a, b]).method)
+    assert {"map @ lab-a/results", "map @ lab-b/results", "mc_dropout", "ensemble"} == methods
+    pooled = merged_results([a, b], pool=True)
+    assert sorted(pooled[pooled.method == "map"].seed) == [0, 1, 2]
+    assert cli_main(["leaderboard", str(a), str(b)]) == 2  # several folders need --out
+    files = build_report([a, b], tmp_path / "merged.html")
+    markdown = files.markdown.read_text()
+    assert "map @ lab-a/results" in markdown and "map @ lab-b/results" in markdown
+    assert "The suites as run" in markdown and "1 x NVIDIA H200" in markdown
+    assert "lab-b/results" in files.html.read_text()
+
+
+def test_the_same_run_in_two_folders_counts_once(tmp_path):
+    from benchmarks.merge import merged_results
+
+    a = synthetic_folder(tmp_path / "a")
+    shutil.copytree(a, tmp_path / "copy")
+    df = merged_results([a, tmp_path / "copy"])
+    assert len(df) == len(merged_results([a]))
+
+
+def test_a_pipe_inside_a_markdown_cell_is_escaped():
+    from benchmarks.tables import to_markdown
+
+    lines = to_markdown(pd.DataFrame({"a": ["|x| = 1"], "b": [2]})).splitlines()
+    assert lines[2] == "| \\|x\\| = 1 | 2 |" and lines[2].replace("\\|", "").count("|") == 3

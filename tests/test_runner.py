@@ -247,3 +247,28 @@ def test_smoke_suite_on_smollm2(tmp_path):
     metrics = json.loads(next(tmp_path.glob("runs/*/metrics.json")).read_text())
     assert metrics["rows"][0]["protocol"].startswith("offline:glue/sst2")
     assert load_suite(REPO / "configs/suites/smoke.yaml").runs[0].model.name == "smollm2-135m"
+
+
+def test_costs_charge_shared_caches_to_the_cache_and_an_unlabelled_ood_set_reports_no_label_metrics(tmp_path):
+    suite = tiny_suite(seeds=[0], methods=["map", "temperature", "vbll"],
+                       datasets=[{"name": "sst2", "ood": ["news_as_sst2"]}])
+    Runner(parse_suite(suite), tmp_path).run()
+    df = pd.read_csv(tmp_path / "results.csv")
+    runs = df[df.eval_set == "sst2"].set_index("method")
+    # the MAP adapter is trained once (by map, the first to need it): charged to the cache, not to map's fit
+    assert runs.loc["map", "cache_map_adapter_seconds"] > 0
+    assert runs.loc["temperature", "cache_map_adapter_seconds"] == 0
+    assert runs.loc["vbll", "cache_features_seconds"] > 0  # the MAP adapter's features, computed once
+    # every method built on that adapter shows the same MAP training time, hit or miss
+    assert runs.shared_train_seconds.nunique() == 1 and runs.shared_train_seconds.iloc[0] > 0
+    assert runs.protocol_id.nunique() == 3 and runs.hardware.str.contains("cores|x ").all()
+    # news sentences posed as reviews carry no sentiment label: only label-free numbers are reported
+    news = df[df.eval_set == "news_as_sst2"].set_index("method")
+    assert news.acc.isna().all() and news.nll.isna().all() and news.ece.isna().all()
+    assert news.acc_na.str.contains("no labels").all()
+    assert news.entropy.notna().all() and news.loc[["map", "vbll"], "ood_auroc_entropy"].notna().all()
+
+
+def test_an_unlabelled_set_cannot_be_trained_on():
+    with pytest.raises(ConfigError, match="news_as_sst2 has no labels"):
+        parse_suite(tiny_suite(datasets=["news_as_sst2"]))

@@ -12,7 +12,7 @@ from bayeslora import ConfigError, available_methods, get_method
 from bayeslora.backbone import load_backbone
 from bayeslora.config import LoraSettings, TrainSettings
 from bayeslora.data import EncodedSplit, make_loader
-from bayeslora.profiling import PhaseProfile, phase, recording
+from bayeslora.profiling import PhaseProfile, filling_cache, own_seconds, phase, recording
 
 from .conftest import perturb_adapter, tiny_model_settings, toy_examples
 
@@ -179,3 +179,20 @@ def test_phase_profile_charges_exclusive_time():
         time.sleep(0.01)
     assert 0.02 <= profile.seconds["fit"] < 0.03 + 0.01
     assert 0.03 <= profile.seconds["trunk"] < 0.04 + 0.01
+
+
+def test_cache_fills_are_charged_to_their_cache_and_left_out_of_own_seconds():
+    profile = PhaseProfile()
+    with recording(profile), own_seconds() as took:
+        time.sleep(0.02)  # the method's own work
+        with filling_cache("map_adapter") as charged:
+            time.sleep(0.03)
+            with filling_cache("trunk"):  # trunk states computed while the MAP adapter trains
+                time.sleep(0.04)
+    assert 0.03 <= profile.cache_seconds["map_adapter"] < 0.04 + 0.01
+    assert charged[0] == pytest.approx(profile.cache_seconds["map_adapter"])
+    assert 0.04 <= profile.cache_seconds["trunk"] < 0.05 + 0.01
+    assert 0.02 <= took[0] < 0.03 + 0.01
+    with own_seconds() as idle, filling_cache("trunk") as unrecorded:  # nothing recording: wall time only
+        time.sleep(0.01)
+    assert idle[0] >= 0.01 and unrecorded == [None]

@@ -144,12 +144,21 @@ def sst2_as_boolq_row(row: dict[str, Any], idx: int) -> Example:
                    integer_label(row["label"], "label", ex_id))
 
 
+def news_as_sst2_row(row: dict[str, Any], idx: int) -> Example:
+    """glue/mrpc schema (sentence1 is used): a news sentence in SST-2's review prompt and answer words,
+    an input shift with the in-distribution task's answers, for OOD detection. It has no sentiment
+    label: the task is unlabelled (label 0 is a placeholder; label-based metrics are not reported)."""
+    ex_id = f"news-as-sst2-{row.get('idx', idx)}"
+    return Example(ex_id, "Review: ", row["sentence1"].strip(), "\nSentiment:", (" negative", " positive"), 0)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A named task: how to read a row, how many answer options, and where its data lives.
 
     ``hub``: (path, config, {our split: hub split}); ``offline``: how the bundled copy is split
-    (see :mod:`bayeslora.data.sources`).
+    (see :mod:`bayeslora.data.sources`); ``labelled``: False for an OOD detection set whose examples have
+    no label for the task's answers (only label-free metrics, entropy, MI and OOD AUROC, are reported).
     """
 
     name: str
@@ -158,6 +167,7 @@ class TaskSpec:
     hub: tuple[str, str | None, dict[str, str]]
     offline: dict[str, Any]
     template: str = "robeyns"
+    labelled: bool = True
 
 
 _HUB_STD = {"train": "train", "val": "validation", "test": "test"}
@@ -183,6 +193,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("sst2_as_boolq", sst2_as_boolq_row, 2,
                  ("nyu-mll/glue", "sst2", {"train": "train", "test": "validation"}),
                  {"pool": ("disk", "glue/sst2/validation")}, template="robeyns-boolq-passage"),
+        TaskSpec("news_as_sst2", news_as_sst2_row, 2,
+                 ("nyu-mll/glue", "mrpc", {"train": "train", "test": "validation"}),
+                 {"pool": ("disk", "glue/mrpc/validation")}, template="review-sentiment", labelled=False),
         TaskSpec("mmlu_college_chemistry", mmlu_row, 4, ("cais/mmlu", "college_chemistry",
                  {"train": "dev", "val": "validation", "test": "test"}),
                  {"train": ("disk", "hails/mmlu_no_train/college_chemistry/dev"),
