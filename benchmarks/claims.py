@@ -388,6 +388,10 @@ CLAIMS: tuple[Claim, ...] = (
           calibration_vs("laplace_lora")),
     Claim("BLoB has lower ECE and NLL than MAP at about equal accuracy", "Wang et al. 2024, NeurIPS",
           calibration_vs("blob")),
+    Claim("TFB is calibrated at least about as well as BLoB (ECE at most 0.02 above) without training: its fit "
+          "takes under half of BLoB's time", "Shi et al. 2025, NeurIPS",
+          (Comparison("tfb", "blob", "ece", "lower", 0.02),
+           Ratio(fewer="tfb", more="blob", column="fit_seconds", at_least=2.0))),
 )
 
 

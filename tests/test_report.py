@@ -400,3 +400,58 @@ def test_a_pipe_inside_a_markdown_cell_is_escaped():
 
     lines = to_markdown(pd.DataFrame({"a": ["|x| = 1"], "b": [2]})).splitlines()
     assert lines[2] == "| \\|x\\| = 1 | 2 |" and lines[2].replace("\\|", "").count("|") == 3
+
+
+# -- figures ---------------------------------------------------------------------------------------------
+def _samples_table(counts: list[int], offset: float = 0.0) -> pd.DataFrame:
+    return pd.DataFrame({"samples": counts, "acc": [0.8 + offset] * len(counts), "ece": [0.1] * len(counts),
+                         "nll": [0.4] * len(counts)})
+
+
+@pytest.mark.parametrize("num_samples, labels", [(4, ["1", "2", "3", "4"]), (10, ["1", "2", "3", "5", "10"])])
+def test_samples_axis_is_labelled_at_the_counts_in_plain_numbers(num_samples, labels):
+    from benchmarks import figures
+
+    counts = sample_subsets(num_samples)
+    fig = figures.samples_figure({"a": _samples_table(counts), "b": _samples_table(counts, 0.01)},
+                                 {"a": "C0", "b": "C1"}, "title")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+        assert not ax.xaxis.get_minor_ticks() or not any(t.get_text() for t in ax.get_xminorticklabels())
+    figures.png_bytes(fig)
+
+
+def test_legends_sit_off_the_axes_and_name_identical_curves():
+    from benchmarks import figures
+
+    coverage = torch.linspace(0.01, 1, 50, dtype=torch.float64)
+    curves = {"map": (coverage, 1 - 0.1 * coverage), "temperature": (coverage, 1 - 0.1 * coverage),
+              "laplace_lora-6ep-valnll-with-a-long-label": (coverage, 1 - 0.2 * coverage)}
+    title = "Qwen/Qwen2.5-7B-Instruct · trained on mmlu_college_chemistry · evaluated on mmlu_college_physics " * 2
+    fig = figures.coverage_figure(curves, figures.method_colors(list(curves)), title)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert "temperature (= map)" in [t.get_text() for t in legend.get_texts()]
+    renderer = fig.canvas.get_renderer()
+    box, axes_box = legend.get_window_extent(renderer), fig.axes[0].get_window_extent(renderer)
+    assert box.y1 <= axes_box.y0  # below the axes, covering nothing
+    suptitle = fig._suptitle
+    assert "\n" in suptitle.get_text() and suptitle.get_window_extent(renderer).x1 <= fig.bbox.x1
+    figures.png_bytes(fig)
+
+
+def test_reliability_legend_names_every_mark_and_covers_no_bar():
+    from benchmarks import figures
+
+    conf = torch.rand(200, generator=torch.Generator().manual_seed(0)).double() * 0.5 + 0.5
+    bins = reliability_bins(conf, conf > 0.7)
+    fig = figures.reliability_figure({"map": (bins, 0.1), "laplace": (bins, 0.1)}, "title")
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert {t.get_text() for t in legend.get_texts()} == {"accuracy", "gap to mean confidence", "share of examples",
+                                                          "perfect calibration"}
+    renderer = fig.canvas.get_renderer()
+    assert all(not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in fig.axes
+               if ax.get_visible())
+    figures.png_bytes(fig)
