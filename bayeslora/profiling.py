@@ -29,52 +29,54 @@ CACHES = ("trunk", "features", "map_adapter")
 """The shared caches whose filling is charged to themselves (``cache_<name>_seconds`` result columns)."""
 
 
-class PhaseProfile:
-    """Accumulates exclusive seconds per phase name."""
+class ExclusiveClock:
+    """Exclusive seconds per name for nested blocks: time inside a nested block is charged to it only."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.cache_seconds: dict[str, float] = defaultdict(float)
-        self._stack: list[tuple[str, float]] = []  # (phase, time the phase last resumed)
-        self._fills: list[tuple[str, float, list[float]]] = []  # (cache, time it last resumed, its own seconds)
-        self.shared_training_seconds = 0.0
+        self._stack: list[tuple[str, float, list[float]]] = []  # (name, time it last resumed, its own seconds)
+
+    def _charge(self, until: float) -> None:
+        name, resumed, own = self._stack[-1]
+        self.seconds[name] += until - resumed
+        own[0] += until - resumed
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def block(self, name: str) -> Iterator[list[float]]:
+        """Charge the block to ``name``; yields [the seconds it was charged], set when it ends."""
         now = time.perf_counter()
-        if self._stack:  # pause the enclosing phase
-            parent, resumed = self._stack[-1]
-            self.seconds[parent] += now - resumed
-        self._stack.append((name, now))
-        try:
-            yield
-        finally:
-            end = time.perf_counter()
-            _, resumed = self._stack.pop()
-            self.seconds[name] += end - resumed
-            if self._stack:  # resume the enclosing phase
-                self._stack[-1] = (self._stack[-1][0], end)
-
-    @contextlib.contextmanager
-    def filling(self, cache: str) -> Iterator[list[float]]:
-        """Charge the block to ``cache``, nested fills excluded; yields [seconds charged], set at the end."""
-        now = time.perf_counter()
-        if self._fills:  # pause the enclosing fill: the nested one is charged to its own cache
-            outer, resumed, charged = self._fills[-1]
-            self.cache_seconds[outer] += now - resumed
-            charged[0] += now - resumed
+        if self._stack:  # pause the enclosing block
+            self._charge(now)
         own = [0.0]
-        self._fills.append((cache, now, own))
+        self._stack.append((name, now, own))
         try:
             yield own
         finally:
             end = time.perf_counter()
-            _, resumed, _ = self._fills.pop()
-            self.cache_seconds[cache] += end - resumed
-            own[0] += end - resumed
-            if self._fills:
-                outer, _, charged = self._fills[-1]
-                self._fills[-1] = (outer, end, charged)
+            self._charge(end)
+            self._stack.pop()
+            if self._stack:  # resume the enclosing block
+                outer, _, outer_own = self._stack[-1]
+                self._stack[-1] = (outer, end, outer_own)
+
+
+class PhaseProfile:
+    """Exclusive seconds per phase name, and (separately) per shared cache filled."""
+
+    def __init__(self) -> None:
+        self._phases, self._fills = ExclusiveClock(), ExclusiveClock()
+        self.seconds: dict[str, float] = self._phases.seconds
+        self.cache_seconds: dict[str, float] = self._fills.seconds
+        self.shared_training_seconds = 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self._phases.block(name):
+            yield
+
+    def filling(self, cache: str) -> contextlib.AbstractContextManager[list[float]]:
+        """Charge the block to ``cache``, nested fills excluded; yields [seconds charged], set at the end."""
+        return self._fills.block(cache)
 
     def cache_total(self) -> float:
         return sum(self.cache_seconds.values())

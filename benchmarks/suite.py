@@ -117,32 +117,29 @@ class RunSpec:
             **({"path": to_plain(self.path)} if self.path is not None else {}),
         }
 
-    @property
-    def run_id(self) -> str:
+    def keyed(self) -> dict[str, Any]:
+        """:meth:`resolved` without what does not change results: progress bars, the device, the trunk cache."""
         resolved = self.resolved()
-        # progress bars, the device and the trunk cache do not change results; keep them out of the key
         for key in RESULT_NEUTRAL_MODEL_FIELDS:
             resolved["model"].pop(key, None)
         cfg = resolved["method"]["config"] = train_key(resolved["method"]["config"])
         if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict):
             cfg["train"].pop("progress", None)
-        return content_hash({**resolved, "inputs": self.inputs})
+        return resolved
+
+    @property
+    def run_id(self) -> str:
+        return content_hash({**self.keyed(), "inputs": self.inputs})
 
     @property
     def protocol_id(self) -> str:
         """What makes two runs' numbers comparable: the run id's settings and model and data identities,
         without the seed and the code (12 hex digits). Runs of one method with equal protocol ids may be
         pooled over seeds, whichever folder, machine or code version produced them."""
-        resolved = self.resolved()
-        resolved.pop("seed")
-        for key in RESULT_NEUTRAL_MODEL_FIELDS:
-            resolved["model"].pop(key, None)
-        resolved["method"]["config"] = train_key(resolved["method"]["config"])
-        if isinstance(resolved["method"]["config"], dict) and isinstance(resolved["method"]["config"].get("train"),
-                                                                          dict):
-            resolved["method"]["config"]["train"].pop("progress", None)
+        keyed = self.keyed()
+        keyed.pop("seed")
         inputs = {k: v for k, v in self.inputs.items() if k != "code"}
-        return content_hash({**resolved, "inputs": inputs})[:12]
+        return content_hash({**keyed, "inputs": inputs})[:12]
 
     @property
     def title(self) -> str:
