@@ -1,12 +1,13 @@
 """The one fine-tuning loop. Methods extend it through :class:`TrainingHooks`, never by copying it.
 
-AdamW over ``hooks.param_groups()``, linear (or constant / cosine) schedule with warm-up,
+AdamW (or the optimiser ``hooks.make_optimizer`` builds) over ``hooks.param_groups()``, linear (or
+constant / cosine) schedule with warm-up,
 gradient accumulation, data parallelism across processes (:mod:`bayeslora.distributed`),
 gradient-norm clipping, bf16 autocast on GPU, early stopping on
 validation NLL (the best epoch's trainable state restored, or the last one with ``keep: last``),
 attention kernels that are safe to differentiate (:mod:`bayeslora.attention`), a progress bar, and a clear
 error on NaN loss.
-Extension points: extra loss terms (override ``loss``), parameter groups, a gradient transform
+Extension points: extra loss terms (override ``loss``), parameter groups, the optimiser, a gradient transform
 before each optimiser step (e.g. a landing field), and per-step callbacks (e.g. SWAG snapshots).
 """
 
@@ -43,6 +44,11 @@ class TrainingHooks:
     def loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """The minibatch objective to minimise (CE plus any extra terms)."""
         raise NotImplementedError
+
+    def make_optimizer(self, groups: list[dict[str, Any]], settings: TrainSettings) -> torch.optim.Optimizer:
+        """The optimiser over ``groups``: AdamW at ``settings.lr`` with ``settings.weight_decay``. The loop's
+        schedule scales each group's ``lr``."""
+        return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
     def step_context(self) -> AbstractContextManager[Any]:
         """Entered around each minibatch's forward *and* backward: gradient checkpointing recomputes
@@ -152,7 +158,7 @@ def _train(hooks: TrainingHooks, loader: DataLoader, settings: TrainSettings, de
     clipped = [p for g in groups if g.get("clip", True) for p in g["params"]]
     if not params:
         raise ConfigError(f"{desc}: no trainable parameters were given to the training loop")
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = hooks.make_optimizer(groups, settings)
     world = distributed.world_size()  # data parallel: one step = grad_accum x world minibatches
     total = settings.max_steps or max(1, math.ceil(settings.epochs * len(loader) / (settings.grad_accum * world)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total))

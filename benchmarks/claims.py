@@ -392,6 +392,12 @@ CLAIMS: tuple[Claim, ...] = (
           "takes under half of BLoB's time", "Shi et al. 2025, NeurIPS",
           (Comparison("tfb", "blob", "ece", "lower", 0.02),
            Ratio(fewer="tfb", more="blob", column="fit_seconds", at_least=2.0))),
+    Claim("ScalaBL is calibrated about as well as BLoB (ECE at most 0.02 above) with at least 100x fewer "
+          "posterior parameters", "Samplawski et al. 2025, UAI",
+          (Comparison("scalabl", "blob", "ece", "lower", 0.02),
+           Ratio(fewer="scalabl", more="blob", column="posterior_params", at_least=100.0))),
+    Claim("IVON-LoRA has lower ECE and NLL than AdamW-trained LoRA at about equal accuracy",
+          "Shen et al. 2024, ICML; Cong et al. 2024", calibration_vs("ivon")),
 )
 
 

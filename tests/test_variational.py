@@ -10,10 +10,9 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from baselines.bbb_lora import BbbLora
-from baselines.blob import (
-    Blob,
-    BlobAdapter,
-    BlobHooks,
+from baselines.blob import Blob, BlobAdapter
+from baselines.variational_training import (
+    VariationalHooks,
     gaussian_kl,
     minibatch_kl_weight,
     reference_kl_cycle,
@@ -60,7 +59,7 @@ def test_reference_kl_cycle_and_weights_by_hand():
 def _blob_hooks(tiny_backbone, batches_per_epoch, **config):
     modules = target_modules(tiny_backbone, LoraSettings(r=2, alpha=4, target_modules=["q_proj"], layers=[0]))
     cfg = Blob.make_config({"lora": LORA, **config})
-    return BlobHooks(tiny_backbone, BlobAdapter(modules, 2, 4, seed=0), cfg, 8 * batches_per_epoch,
+    return VariationalHooks(tiny_backbone, BlobAdapter(modules, 2, 4, seed=0), cfg, 8 * batches_per_epoch,
                      batches_per_epoch)
 
 
@@ -90,8 +89,8 @@ def test_blob_separate_kl_step_is_sgd_on_the_weighted_kl(tiny_backbone):
 
 def test_blob_joint_kl_sees_every_minibatch_once_with_grad_accum(tiny_backbone, toy_splits, monkeypatch):
     seen = []
-    weight = BlobHooks.minibatch_weight
-    monkeypatch.setattr(BlobHooks, "minibatch_weight", lambda self, g: seen.append(g) or weight(self, g))
+    weight = VariationalHooks.minibatch_weight
+    monkeypatch.setattr(VariationalHooks, "minibatch_weight", lambda self, g: seen.append(g) or weight(self, g))
     post = Blob(Blob.make_config({"lora": LORA, "kl_optimizer": "joint", "kl_weighting": "minibatch",
                                   "train": {**vars(_train(epochs=2)), "grad_accum": 2}}), seed=0)
     post.fit(tiny_backbone, toy_splits[0], toy_splits[1])
