@@ -39,11 +39,9 @@ from bayeslora.config import AdapterConfig, LoraSettings, NonNegativeFloat, NonN
 from bayeslora.data import EncodedSplit
 from bayeslora.training import final_train_loss
 
-from .hooked_adapter import HookedAdapter
+from .hooked_adapter import HEAD_KEY, HookedAdapter
 from .hooked_posterior import HookedAdapterPosterior
 from .inducing_weights import InducingFactor, InducingSettings, inducing_factor_parameter_count
-
-HEAD_KEY = "answer_head"
 
 
 class InducingLoraAdapter(HookedAdapter):

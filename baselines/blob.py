@@ -40,14 +40,10 @@ from bayeslora.backbone import (
 )
 from bayeslora.config import PositiveFloat
 from bayeslora.data import EncodedSplit
-from bayeslora.predict import sample_class_logits
 from bayeslora.training import final_train_loss
 
-from .hooked_adapter import HookedAdapter
-from .hooked_posterior import HookedAdapterPosterior
-from .variational_training import VariationalHooks, VariationalTrainingConfig, gaussian_kl
-
-HEAD_KEY = "answer_head"
+from .hooked_adapter import HEAD_KEY, HookedAdapter
+from .variational_training import VariationalAdapterPosterior, VariationalTrainingConfig, gaussian_kl
 
 
 class BlobAdapter(HookedAdapter):
@@ -61,10 +57,7 @@ class BlobAdapter(HookedAdapter):
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / r
         self.M, self.G, self.B = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
-        shapes = {key: (m.out_features, m.in_features, m.weight.device) for key, m in self.modules_by_key.items()}
-        if head_ids is not None:  # the answer head's K rows (not a hooked module: see head_update)
-            shapes[HEAD_KEY] = (len(head_ids), hidden, next(iter(modules.values())).weight.device)
-        for key, (d_out, d_in, device) in shapes.items():
+        for key, (d_out, d_in, device) in self.layer_shapes(hidden).items():
             bound = 1.0 / math.sqrt(d_in)  # peft's LoRA A init: kaiming_uniform(a=sqrt 5)
             self.M[key] = nn.Parameter((torch.rand(r, d_in, generator=generator) * 2 - 1).mul(bound).to(device))
             low = init_std_eps / math.sqrt(2)
@@ -127,15 +120,12 @@ class BlobConfig(VariationalTrainingConfig):
     """Learning rate of G in the CE optimiser (None: train.lr, as the reference)."""
 
 
-class Blob(HookedAdapterPosterior):
+class Blob(VariationalAdapterPosterior):
     """BLoB: Gaussian over LoRA A (Flipout), point-estimate B, closed-form KL; S forward passes."""
 
     name = "blob"
-    adapts_lm_head = True  # the answer head's BLoB layer is its own (BlobAdapter.head_logits)
-    supports_gradient_checkpointing = False
     Config = BlobConfig
     description = "BLoB: Gaussian LoRA A (std G^2, Flipout) + point B, closed-form KL, S forward passes"
-    saves_state = True
 
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
@@ -146,21 +136,9 @@ class Blob(HookedAdapterPosterior):
 
     def build_adapter(self, backbone: Backbone) -> BlobAdapter:
         lora = self.config.lora
-        head_ids = self.answer_ids if HEAD_TARGET in lora.target_modules else None
         return BlobAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed,
-                           init_std_eps=self.config.init_std_eps, flipout=self.config.flipout, head_ids=head_ids,
+                           init_std_eps=self.config.init_std_eps, flipout=self.config.flipout, head_ids=self.head_ids(),
                            hidden=backbone.hidden_size)
-
-    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.adapter.answer_logits(self.require_backbone(), batch)
-
-    def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> VariationalHooks:
-        return VariationalHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
-
-    def sample(self, batch: dict[str, Any], num_samples: int) -> torch.Tensor:
-        """Flipout draws noise per example, so ``samples_per_forward`` samples share one batched forward."""
-        return sample_class_logits(self.require_backbone(), batch, num_samples,
-                                   samples_per_forward=self.config.samples_per_forward, logits=self.logits)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         result = self.train_adapter(backbone, train_split, val)

@@ -18,6 +18,9 @@ from torch import nn
 
 from bayeslora.backbone import LAYER_INDEX, Backbone, align_answer_columns, mask_choices
 
+HEAD_KEY = "answer_head"
+"""The key of an adapter's answer-head part (the K rows of ``head_ids``) next to its modules' keys."""
+
 
 class HookedAdapter(nn.Module):
     """Base class: subclasses define :meth:`update` (the added output for one module's input).
@@ -46,6 +49,13 @@ class HookedAdapter(nn.Module):
 
     def update(self, key: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def layer_shapes(self, hidden: int | None) -> dict[str, tuple[int, int, torch.device]]:
+        """(d_out, d_in, device) per hooked module and, with ``head_ids``, (K, hidden) for :data:`HEAD_KEY`."""
+        shapes = {key: (m.out_features, m.in_features, m.weight.device) for key, m in self.modules_by_key.items()}
+        if self.head_ids is not None:
+            shapes[HEAD_KEY] = (len(self.head_ids), hidden, next(iter(self.modules_by_key.values())).weight.device)
+        return shapes
 
     def head_update(self, features: torch.Tensor) -> torch.Tensor:
         """(B, K_fit) update of the answer head's rows for ``head_ids`` (adapters that have one)."""

@@ -4,7 +4,8 @@ Subclasses build the adapter (a :class:`~baselines.hooked_adapter.HookedAdapter`
 attribute and a ``mean_weights()`` context) and its training hooks, and say how one batch is scored;
 this class trains it through the shared loop with every peft adapter disabled, predicts S seeded
 forward passes (or ``num_samples = 0``: the mean weights) and saves/reloads the adapter's state.
-Used by BLoB (:mod:`baselines.blob`) and Bayesian-LoRA (:mod:`baselines.bayesian_lora`).
+Used by BLoB and ScalaBL (through :mod:`baselines.variational_training`) and Bayesian-LoRA
+(:mod:`baselines.bayesian_lora`).
 """
 
 from __future__ import annotations

@@ -42,14 +42,10 @@ from bayeslora import ConfigError, FitReport, ResourceNeeds
 from bayeslora.backbone import HEAD_TARGET, Backbone, lora_parameter_count, target_modules
 from bayeslora.config import PositiveFloat
 from bayeslora.data import EncodedSplit
-from bayeslora.predict import sample_class_logits
 from bayeslora.training import final_train_loss
 
-from .hooked_adapter import HookedAdapter
-from .hooked_posterior import HookedAdapterPosterior
-from .variational_training import VariationalHooks, VariationalTrainingConfig, gaussian_kl
-
-HEAD_KEY = "answer_head"
+from .hooked_adapter import HEAD_KEY, HookedAdapter
+from .variational_training import VariationalAdapterPosterior, VariationalTrainingConfig, gaussian_kl
 
 
 def singular_value_init(r: int, d_in: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,10 +71,7 @@ class ScalablAdapter(HookedAdapter):
         self.scale = alpha / r
         self.log_mu, self.log_sigma = nn.ParameterDict(), nn.ParameterDict()
         self.Vh, self.B = nn.ParameterDict(), nn.ParameterDict()
-        shapes = {key: (m.out_features, m.in_features, m.weight.device) for key, m in self.modules_by_key.items()}
-        if head_ids is not None:  # the answer head's K rows (see head_update)
-            shapes[HEAD_KEY] = (len(head_ids), hidden, next(iter(modules.values())).weight.device)
-        for key, (d_out, d_in, device) in shapes.items():
+        for key, (d_out, d_in, device) in self.layer_shapes(hidden).items():
             s0, vh = singular_value_init(r, d_in, generator)
             low = init_std_eps / math.sqrt(2)
             sigma0 = low + (init_std_eps - low) * torch.rand(r, generator=generator)
@@ -159,15 +152,12 @@ class ScalablConfig(VariationalTrainingConfig):
                               "stacked copies would share one draw)")
 
 
-class Scalabl(HookedAdapterPosterior):
+class Scalabl(VariationalAdapterPosterior):
     """ScalaBL: A = diag(s) V_h with a Gaussian over the r singular values s, point V_h and B; S forward passes."""
 
     name = "scalabl"
-    adapts_lm_head = True
-    supports_gradient_checkpointing = False
     Config = ScalablConfig
     description = "ScalaBL: Gaussian over the r singular values of A = diag(s) V_h, point V_h and B, S forward passes"
-    saves_state = True
 
     @classmethod
     def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
@@ -178,21 +168,10 @@ class Scalabl(HookedAdapterPosterior):
 
     def build_adapter(self, backbone: Backbone) -> ScalablAdapter:
         lora = self.config.lora
-        head_ids = self.answer_ids if HEAD_TARGET in lora.target_modules else None
         return ScalablAdapter(target_modules(backbone, lora), lora.r, lora.alpha, seed=self.seed,
                               init_std_eps=self.config.init_std_eps, noise=self.config.noise,
-                              kl_direction=self.config.kl_direction, head_ids=head_ids, hidden=backbone.hidden_size)
-
-    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.adapter.answer_logits(self.require_backbone(), batch)
-
-    def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> VariationalHooks:
-        return VariationalHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
-
-    def sample(self, batch: dict[str, Any], num_samples: int) -> torch.Tensor:
-        """With ``noise: example``, ``samples_per_forward`` samples share one batched forward."""
-        return sample_class_logits(self.require_backbone(), batch, num_samples,
-                                   samples_per_forward=self.config.samples_per_forward, logits=self.logits)
+                              kl_direction=self.config.kl_direction, head_ids=self.head_ids(),
+                              hidden=backbone.hidden_size)
 
     def fit(self, backbone: Backbone, train_split: EncodedSplit, val: EncodedSplit | None = None) -> FitReport:
         result = self.train_adapter(backbone, train_split, val)

@@ -30,9 +30,12 @@ from torch.utils.data import DataLoader
 
 from bayeslora import distributed
 from bayeslora.adapters import ClassifierHooks
-from bayeslora.backbone import Backbone
+from bayeslora.backbone import HEAD_TARGET, Backbone
 from bayeslora.config import AdapterConfig, PositiveFloat, PositiveInt
+from bayeslora.predict import sample_class_logits
 from bayeslora.training import lr_schedule
+
+from .hooked_posterior import HookedAdapterPosterior
 
 
 def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torch.Tensor:
@@ -152,3 +155,27 @@ class VariationalHooks(ClassifierHooks):
     def val_nll(self, loader: DataLoader) -> float:
         with self.adapter.mean_weights():
             return super().val_nll(loader)
+
+
+class VariationalAdapterPosterior(HookedAdapterPosterior):
+    """A hooked variational adapter (with an answer-head part when ``lm_head`` is a target) trained by
+    :class:`VariationalHooks`; S forward passes, ``samples_per_forward`` of them stacked in one batch."""
+
+    adapts_lm_head = True  # the adapter's answer-head part is its own (HookedAdapter.head_update)
+    supports_gradient_checkpointing = False
+    saves_state = True
+
+    def head_ids(self) -> torch.Tensor | None:
+        """The training set's answer tokens when ``lm_head`` is among the targets (the head part's rows)."""
+        return self.answer_ids if HEAD_TARGET in self.config.lora.target_modules else None
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.adapter.answer_logits(self.require_backbone(), batch)
+
+    def make_hooks(self, backbone: Backbone, n_train: int, batches_per_epoch: int) -> VariationalHooks:
+        return VariationalHooks(backbone, self.adapter, self.config, n_train, batches_per_epoch)
+
+    def sample(self, batch: dict[str, Any], num_samples: int) -> torch.Tensor:
+        """Adapters that draw noise per example give each stacked copy its own sample."""
+        return sample_class_logits(self.require_backbone(), batch, num_samples,
+                                   samples_per_forward=self.config.samples_per_forward, logits=self.logits)
