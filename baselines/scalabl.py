@@ -160,11 +160,19 @@ class Scalabl(VariationalAdapterPosterior):
     description = "ScalaBL: Gaussian over the r singular values of A = diag(s) V_h, point V_h and B, S forward passes"
 
     @classmethod
-    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
-        """A LoRA adapter's worth (V_h in A's place, the answer head's K rows included) plus 2r per module."""
+    def count_parameters(cls, backbone: Backbone, config: Any = None, num_classes: int = 4) -> dict[str, int]:
+        """{scalabl, lora, extra, posterior_dims} on ``backbone`` for K = ``num_classes`` answers, from module
+        shapes alone: a LoRA adapter's worth (V_h in A's place, the answer head's K rows included) plus the
+        2r numbers (mean and std of r singular values) of each adapted module."""
+        config = cls.make_config(config)
+        lora = lora_parameter_count(backbone, config.lora, num_classes)
         modules = len(target_modules(backbone, config.lora)) + (HEAD_TARGET in config.lora.target_modules)
-        return ResourceNeeds(trainable=lora_parameter_count(backbone, config.lora, num_classes)
-                             + 2 * config.lora.r * modules)
+        dims = config.lora.r * modules
+        return {"scalabl": lora + 2 * dims, "lora": lora, "extra": 2 * dims, "posterior_dims": dims}
+
+    @classmethod
+    def resource_needs(cls, backbone: Backbone, config: Any, num_classes: int) -> ResourceNeeds:
+        return ResourceNeeds(trainable=cls.count_parameters(backbone, config, num_classes)["scalabl"])
 
     def build_adapter(self, backbone: Backbone) -> ScalablAdapter:
         lora = self.config.lora

@@ -131,14 +131,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     from bayeslora import get_method
     from bayeslora.meta import meta_backbone
+    from bayeslora.registry import method_names
 
     from .suite import apply_overrides
 
     cls = get_method(args.method)
     counter = getattr(cls, "count_parameters", None)
     if counter is None:
+        counting = []
+        for name in method_names():
+            try:
+                if hasattr(get_method(name), "count_parameters"):
+                    counting.append(name)
+            except Exception:  # a plugin that fails to import counts nothing here; its own use names the error
+                continue
         raise ConfigError(f"method {args.method!r} does not count its parameters without fitting; "
-                          f"methods that do: bayesian_lora")
+                          f"methods that do: {', '.join(counting)}")
     backbone = meta_backbone(args.model)
     counts = counter(backbone, apply_overrides({}, args.set), num_classes=args.num_classes)
     for what, n in counts.items():

@@ -135,3 +135,23 @@ def test_scalabl_on_the_answer_head_and_its_settings(tiny_backbone, toy_splits):
     with pytest.raises(ConfigError, match="kl_direction"):
         Scalabl.make_config({"kl_direction": "reverse"})
     assert get_method("scalabl") is Scalabl
+
+
+def test_counts_from_the_config_match_a_built_adapter_and_qwen_7b_by_hand(tiny_backbone, capsys):
+    from bayeslora.meta import meta_backbone
+    from benchmarks.cli import main
+
+    lora = LoraSettings(r=2, alpha=4, target_modules=["q_proj", "lm_head"])
+    counts = Scalabl.count_parameters(tiny_backbone, {"lora": lora}, num_classes=2)
+    modules = target_modules(tiny_backbone, lora)
+    adapter = ScalablAdapter(modules, 2, 4, head_ids=torch.arange(2), hidden=tiny_backbone.hidden_size)
+    assert sum(p.numel() for p in adapter.parameters()) == counts["scalabl"]
+    assert counts["posterior_dims"] == adapter.posterior_dims() == 2 * (len(modules) + 1)
+    qwen = Scalabl.count_parameters(meta_backbone("Qwen/Qwen2.5-7B"),
+                                    {"lora": {"target_modules": ["q_proj", "v_proj", "lm_head"]}}, num_classes=4)
+    assert qwen["posterior_dims"] == 8 * (2 * 28 + 1) and qwen["extra"] == 912  # r per module and the head
+    assert main(["params", "scalabl", "--model", "Qwen/Qwen2.5-7B", "--set", "lora.target_modules=[q_proj]"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
+    assert int(printed["posterior_dims"].replace(",", "")) == 8 * 28
+    assert main(["params", "map", "--model", "Qwen/Qwen2.5-7B"]) == 2
+    assert "bayesian_lora, scalabl" in capsys.readouterr().err
