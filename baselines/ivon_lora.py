@@ -71,8 +71,7 @@ class IvonHooks(ClassifierHooks):
         self.optimizer: ivon.IVON | None = None
 
     def make_optimizer(self, groups: list[dict[str, Any]], settings: TrainSettings) -> ivon.IVON:
-        c = self.config
-        self.optimizer = make_ivon(groups, c, self.ess, settings.lr if c.lr is None else c.lr)
+        self.optimizer = make_ivon(groups, self.config, self.ess)
         return self.optimizer
 
     @contextlib.contextmanager
@@ -99,9 +98,10 @@ class IvonHooks(ClassifierHooks):
         super().restore({k: v for k, v in state.items() if not k.startswith("hess.")})
 
 
-def make_ivon(groups: list[dict[str, Any]], config: IvonConfig, ess: float, lr: float) -> ivon.IVON:
-    """The ``ivon.IVON`` optimiser with the method's settings (synchronised across processes when there are
-    several)."""
+def make_ivon(groups: list[dict[str, Any]], config: IvonConfig, ess: float) -> ivon.IVON:
+    """The ``ivon.IVON`` optimiser with the method's settings (``lr``, else ``train.lr``; synchronised across
+    processes when there are several)."""
+    lr = config.train.lr if config.lr is None else config.lr
     return ivon.IVON(groups, lr=lr, ess=ess, hess_init=config.hess_init, beta1=config.beta1, beta2=config.beta2,
                      weight_decay=config.ivon_weight_decay, clip_radius=config.clip_radius,
                      sync=distributed.world_size() > 1)
@@ -176,7 +176,6 @@ class IvonLora(Posterior):
         backbone.restore_adapter(self.adapter_name, self.config.lora, state["adapter"])
         params = backbone.lora_parameters(self.adapter_name)
         self.ess = float(state["ess"])
-        c = self.config
-        self.optimizer = make_ivon([{"params": list(params.values())}], c, self.ess, c.lr or c.train.lr)
+        self.optimizer = make_ivon([{"params": list(params.values())}], self.config, self.ess)
         for group, hess in zip(self.optimizer.param_groups, state["hess"], strict=True):
             group["hess"] = hess.to(device=group["hess"].device, dtype=group["hess"].dtype)
